@@ -1,0 +1,47 @@
+"""One command-line entry point: `prefixcap {preprocess,train,caption,evaluate,serve,demo}`."""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+# Registry of subcommands: name -> (module, one-line help). Each module exposes
+# `main(argv: list[str] | None) -> int` that parses its own flags, so `train.py` and
+# `create_dataset.py` at the repository root can reuse exactly the same parsers.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("prefixcap.preprocess", "encode images with CLIP and tokenize captions into shards"),
+    "train": ("prefixcap.train", "train the mapping network (and optionally the LM)"),
+    "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
+    "evaluate": ("prefixcap.evaluate", "COCO caption metrics and CLIPScore"),
+    "serve": ("prefixcap.serve", "HTTP captioning service with a web page"),
+    "demo": ("prefixcap.demo", "offline end-to-end demo on a synthetic dataset"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: prefixcap <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `prefixcap <command> --help` for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from prefixcap import __version__
+
+        print(f"prefixcap {__version__}")
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"prefixcap: unknown command {name!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

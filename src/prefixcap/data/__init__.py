@@ -1,0 +1,1 @@
+"""Dataset readers, image decoding, the preprocessed-shard format and the preprocess runner."""

@@ -1,0 +1,243 @@
+"""The preprocessed-dataset format: Arrow shards + manifest, written atomically, read memory-mapped.
+
+A dataset folder holds
+  manifest.json                    written last; its presence means the dataset is complete
+  settings.json                    encoder/tokenizer settings; a rerun with other settings is refused
+  shards/{name}.images.arrow       one row per image: key, embedding (float16, fixed size C)
+  shards/{name}.captions.arrow     one row per caption: image_row (row in the images file),
+                                   caption (text), tokens (list<int32>, ends with end-of-text)
+  shards/{name}.json               the shard's stats; written after both Arrow files, so a shard is
+                                   complete exactly when this file exists (img2dataset's rule)
+All files are written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SETTINGS = "settings.json"
+SHARD_DIR = "shards"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write data to path so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _write_arrow(path: Path, table: pa.Table) -> None:
+    # One record batch per file keeps every column a single contiguous, zero-copy buffer.
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table.combine_chunks(), max_chunksize=max(table.num_rows, 1))
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+@dataclass
+class ShardContent:
+    """What one shard holds before it is written."""
+
+    keys: list[str]  # one per image
+    embeddings: np.ndarray  # (N_images, C) any float dtype; stored as float16
+    image_rows: list[int]  # one per caption: row in keys/embeddings
+    captions: list[str]
+    tokens: list[list[int]]
+
+
+def write_shard(folder: str | Path, name: str, content: ShardContent, stats: dict[str, Any]) -> Path:
+    """Write one shard atomically; the stats json is written last and marks it complete."""
+    shard_dir = Path(folder) / SHARD_DIR
+    n_img, dim = content.embeddings.shape if len(content.keys) else (0, content.embeddings.shape[-1])
+    assert n_img == len(content.keys), "one embedding per image key"
+    assert len(content.image_rows) == len(content.captions) == len(content.tokens)
+    emb = np.ascontiguousarray(content.embeddings, dtype=np.float16).reshape(-1)
+    images = pa.table({
+        "key": pa.array(content.keys, pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb, pa.float16()), dim),
+    })
+    captions = pa.table({
+        "image_row": pa.array(content.image_rows, pa.int32()),
+        "caption": pa.array(content.captions, pa.string()),
+        "tokens": pa.array(content.tokens, pa.list_(pa.int32())),
+    })
+    _write_arrow(shard_dir / f"{name}.images.arrow", images)
+    _write_arrow(shard_dir / f"{name}.captions.arrow", captions)
+    stats = {**stats, "name": name, "num_images": n_img, "num_captions": len(content.captions),
+             "embedding_dim": int(dim)}
+    atomic_write_json(shard_dir / f"{name}.json", stats)
+    return shard_dir / f"{name}.json"
+
+
+def completed_shards(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """name -> stats of every complete shard (those whose stats json exists), sorted by name."""
+    shard_dir = Path(folder) / SHARD_DIR
+    if not shard_dir.is_dir():
+        return {}
+    out = {}
+    for stats_path in sorted(shard_dir.glob("*.json")):
+        out[stats_path.stem] = json.loads(stats_path.read_text())
+    return out
+
+
+@dataclass
+class Sample:
+    """One caption with its image embedding."""
+
+    index: int  # global caption index
+    key: str  # source key of the image
+    caption: str
+    tokens: np.ndarray  # (T,) int32, ends with end-of-text
+    embedding: np.ndarray  # (C,) float32
+    image_index: int  # global image index
+
+
+class _Shard:
+    """Zero-copy numpy views over one shard's memory-mapped Arrow files."""
+
+    def __init__(self, folder: Path, name: str):
+        images = pa.ipc.open_file(pa.memory_map(str(folder / f"{name}.images.arrow"))).read_all()
+        captions = pa.ipc.open_file(pa.memory_map(str(folder / f"{name}.captions.arrow"))).read_all()
+        self.name = name
+        self.keys = images.column("key").chunk(0) if images.num_rows else pa.array([], pa.string())
+        emb = images.column("embedding")
+        dim = emb.type.list_size
+        self.embeddings = (emb.chunk(0).values.to_numpy(zero_copy_only=True).reshape(-1, dim)
+                           if images.num_rows else np.zeros((0, dim), np.float16))  # (N_images, C) float16
+        if captions.num_rows:
+            toks = captions.column("tokens").chunk(0)
+            self.offsets = toks.offsets.to_numpy(zero_copy_only=True)  # (N_captions + 1,) int32
+            self.token_values = toks.values.to_numpy(zero_copy_only=True)  # (sum T,) int32
+            self.image_rows = captions.column("image_row").chunk(0).to_numpy(zero_copy_only=True)
+            self.captions = captions.column("caption").chunk(0)
+        else:
+            self.offsets = np.zeros(1, np.int32)
+            self.token_values = np.zeros(0, np.int32)
+            self.image_rows = np.zeros(0, np.int32)
+            self.captions = pa.array([], pa.string())
+        self.num_images = images.num_rows
+        self.num_captions = captions.num_rows
+
+
+class PreprocessedDataset(Sequence):
+    """A sized, indexable view of a preprocessed folder; opening it costs near-constant memory."""
+
+    def __init__(self, path: str | Path, require_complete: bool = True):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.exists():
+            if require_complete:
+                raise FileNotFoundError(
+                    f"{self.path} is not a complete preprocessed dataset: {MANIFEST} is missing "
+                    "(was preprocessing interrupted? rerun the same command to finish it)"
+                )
+            self.manifest: dict[str, Any] = {}
+            names = list(completed_shards(self.path))
+        else:
+            self.manifest = json.loads(manifest_path.read_text())
+            names = [s["name"] for s in self.manifest["shards"]]
+        self._shards = [_Shard(self.path / SHARD_DIR, n) for n in names]
+        self._caption_starts = np.cumsum([0] + [s.num_captions for s in self._shards])
+        self._image_starts = np.cumsum([0] + [s.num_images for s in self._shards])
+        if self._shards:
+            self.embedding_dim = int(self._shards[0].embeddings.shape[1])
+        else:
+            self.embedding_dim = int(self.manifest.get("embedding_dim", 0))
+
+    # --- captions (the training samples) ---
+    def __len__(self) -> int:
+        return int(self._caption_starts[-1])
+
+    def _locate(self, index: int) -> tuple[_Shard, int, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"caption index {index} out of range for {len(self)} captions")
+        s = bisect_right(self._caption_starts, index) - 1
+        return self._shards[s], s, index - int(self._caption_starts[s])
+
+    def __getitem__(self, index: int) -> Sample:  # type: ignore[override]
+        shard, s, row = self._locate(int(index))
+        image_row = int(shard.image_rows[row])
+        return Sample(
+            index=int(index) if index >= 0 else int(index) + len(self),
+            key=shard.keys[image_row].as_py(),
+            caption=shard.captions[row].as_py(),
+            tokens=np.asarray(shard.token_values[shard.offsets[row]:shard.offsets[row + 1]]),
+            embedding=np.asarray(shard.embeddings[image_row], dtype=np.float32),
+            image_index=int(self._image_starts[s]) + image_row,
+        )
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def tokens_and_embedding(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """The fast path for training: (tokens (T,), embedding (C,) float16 view, image index)."""
+        shard, s, row = self._locate(int(index))
+        image_row = int(shard.image_rows[row])
+        return (shard.token_values[shard.offsets[row]:shard.offsets[row + 1]], shard.embeddings[image_row],
+                int(self._image_starts[s]) + image_row)
+
+    def lengths(self) -> np.ndarray:
+        """(N_captions,) int32 token counts, for length-grouped batching."""
+        if not self._shards:
+            return np.zeros(0, np.int32)
+        return np.concatenate([np.diff(s.offsets) for s in self._shards]).astype(np.int32)
+
+    def caption_image_indices(self) -> np.ndarray:
+        """(N_captions,) int64 global image index of every caption (for per-image splits)."""
+        if not self._shards:
+            return np.zeros(0, np.int64)
+        return np.concatenate([s.image_rows.astype(np.int64) + int(self._image_starts[i])
+                               for i, s in enumerate(self._shards)])
+
+    # --- images (for evaluation: references grouped by image) ---
+    @property
+    def num_images(self) -> int:
+        return int(self._image_starts[-1])
+
+    def image(self, image_index: int) -> tuple[str, np.ndarray]:
+        """(key, embedding (C,) float32) of a global image index."""
+        s = bisect_right(self._image_starts, image_index) - 1
+        shard, row = self._shards[s], image_index - int(self._image_starts[s])
+        return shard.keys[row].as_py(), np.asarray(shard.embeddings[row], dtype=np.float32)
+
+    def references(self) -> dict[int, list[str]]:
+        """global image index -> all its captions (several references per image)."""
+        refs: dict[int, list[str]] = {}
+        for i, shard in enumerate(self._shards):
+            base = int(self._image_starts[i])
+            for row, caption in zip(shard.image_rows, shard.captions.to_pylist()):
+                refs.setdefault(base + int(row), []).append(caption)
+        return refs
+
+
+def load_preprocessed(path: str | Path) -> PreprocessedDataset:
+    """Open a preprocessed dataset folder (memory-mapped); see the module docstring for the layout."""
+    return PreprocessedDataset(path)
