@@ -1,0 +1,239 @@
+"""The captioning model: mapper + language model, the caption loss, and the self-describing artifact.
+
+Artifact layout (a folder; `{prefix}_latest.ckpt` checkpoints are such folders):
+  config.json            CaptionConfig (+ "artifact": "prefixcap") -- enough to rebuild everything
+  mapper.safetensors     the mapping network
+  tokenizer/             the LM tokenizer (always stored: small, and it pins the token ids)
+  lm/                    the LM weights, only when the LM was fine-tuned; otherwise the LM is
+                         referenced by `language_model` (hub id or local folder) and loaded frozen
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prefixcap.encoders import normalize
+from prefixcap.language_models import load_language_model, load_tokenizer
+from prefixcap.mapping import MappingConfig, build_mapper
+
+ARTIFACT = "prefixcap"
+CONFIG_NAME = "config.json"
+MAPPER_WEIGHTS = "mapper.safetensors"
+
+
+@dataclass
+class CaptionConfig:
+    """One typed config for the whole captioner; saved as config.json beside the weights."""
+
+    clip_model: str = "ViT-B/32"  # encoder name as the dataset was preprocessed with
+    language_model: str = "gpt2"  # hub id or local folder
+    lm_family: str = "causal"  # causal | seq2seq
+    tokenizer: str = ""  # what the dataset was tokenized with (defaults to language_model)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    normalize_prefix: bool = False
+    only_prefix: bool = False  # LM frozen: its weights are not stored, only referenced
+    max_token_length: int = 128  # longest caption seen in training (a generation default)
+    format_version: int = 1
+
+    @property
+    def prefix_length(self) -> int:
+        return self.mapping.prefix_length
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"artifact": ARTIFACT, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CaptionConfig":
+        data = {k: v for k, v in data.items() if k != "artifact"}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown keys in prefixcap config: {sorted(unknown)}")
+        mapping = MappingConfig(**data.pop("mapping", {}))
+        return cls(mapping=mapping, **data)
+
+
+def _lm_width(lm: nn.Module) -> int:
+    return int(lm.get_input_embeddings().embedding_dim)
+
+
+def _needs_full_logits(lm: nn.Module) -> bool:
+    # Some LMs post-process logits (soft-capping, scaling) inside forward; the hidden-state fast
+    # path below would skip that, so they go through the model's own forward instead.
+    cfg = lm.config
+    return bool(getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None))
+
+
+class CaptionModel(nn.Module):
+    """Mapper + LM. `forward(embeddings, tokens, mask)` returns the mean caption-token loss."""
+
+    def __init__(self, config: CaptionConfig, lm: nn.Module | None = None, tokenizer=None,
+                 **hf_kwargs: Any):
+        super().__init__()
+        self.config = config
+        if lm is None:
+            lm = load_language_model(config.language_model, config.lm_family, **hf_kwargs)
+        self.lm = lm
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            config.tokenizer or config.language_model, **hf_kwargs)
+        width = _lm_width(lm)
+        if config.mapping.lm_dim != width:
+            config.mapping.lm_dim = width  # the LM decides D; the config records it
+        self.mapper = build_mapper(config.mapping)
+        self.set_only_prefix(config.only_prefix)
+
+    # --- training mode -------------------------------------------------------------------
+    def set_only_prefix(self, only_prefix: bool) -> None:
+        """Freeze (no weight gradients at all, eval mode) or unfreeze the LM."""
+        self.config.only_prefix = only_prefix
+        self.lm.requires_grad_(not only_prefix)
+        if only_prefix:
+            self.lm.eval()
+
+    def train(self, mode: bool = True) -> "CaptionModel":
+        super().train(mode)
+        if self.config.only_prefix:
+            self.lm.eval()  # a frozen LM never runs dropout
+        return self
+
+    # --- the forward pass ----------------------------------------------------------------
+    def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """CLIP embeddings (B, C) -> prefix embeddings (B, K, D) in the LM's dtype."""
+        embeddings = embeddings.float()
+        if self.config.normalize_prefix:
+            embeddings = normalize(embeddings)
+        mapper_dtype = next(self.mapper.parameters()).dtype
+        prefix = self.mapper(embeddings.to(mapper_dtype))  # (B, K, D)
+        return prefix.to(self.lm.get_input_embeddings().weight.dtype)
+
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over real caption tokens (mask==1); prefix and padding excluded.
+
+        embeddings (B, C), tokens (B, T) right-padded, mask (B, T) 1 for real tokens.
+        """
+        prefix = self.prefix(embeddings)  # (B, K, D)
+        if self.config.lm_family == "seq2seq":
+            return self._seq2seq_loss(prefix, tokens, mask)
+        return self._causal_loss(prefix, tokens, mask)
+
+    def _causal_loss(self, prefix: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, k, _ = prefix.shape
+        t = tokens.shape[1]
+        token_embeds = self.lm.get_input_embeddings()(tokens)  # (B, T, D)
+        inputs = torch.cat((prefix, token_embeds), dim=1)  # (B, K+T, D)
+        attn = torch.cat((mask.new_ones(b, k), mask), dim=1)  # (B, K+T)
+        # The hidden state at position K-1+i predicts caption token i.
+        targets_mask = mask.bool()  # (B, T)
+        if _needs_full_logits(self.lm):
+            logits = self.lm(inputs_embeds=inputs, attention_mask=attn, logits_to_keep=t + 1, use_cache=False).logits
+            logits = logits[:, :t][targets_mask]  # (N, V)
+        else:
+            # Only the base transformer runs on all positions; the LM head (the largest matmul
+            # for small LMs) runs only on the real caption positions, not on prefix or padding.
+            hidden = self.lm.base_model(inputs_embeds=inputs, attention_mask=attn, use_cache=False).last_hidden_state
+            hidden = hidden[:, k - 1:k - 1 + t][targets_mask]  # (N, D)
+            logits = self.lm.get_output_embeddings()(hidden)  # (N, V)
+        return F.cross_entropy(logits.float(), tokens[targets_mask])
+
+    def _seq2seq_loss(self, prefix: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # The encoder sees only the prefix; the caption is the decoder's target (never encoder input).
+        enc_mask = torch.ones(prefix.shape[:2], dtype=mask.dtype, device=mask.device)  # (B, K)
+        labels = tokens.masked_fill(mask == 0, -100)  # (B, T)
+        out = self.lm(inputs_embeds=prefix, attention_mask=enc_mask, labels=labels)
+        return out.loss
+
+    # --- save / load ---------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the artifact atomically: a crash mid-save leaves any previous artifact loadable."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        try:
+            mapper_state = {k: v.detach().contiguous().cpu() for k, v in self.mapper.state_dict().items()}
+            save_file(mapper_state, tmp / MAPPER_WEIGHTS, metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if not self.config.only_prefix:
+                self.lm.save_pretrained(tmp / "lm")
+            config = self.config.to_dict()
+            config["language_model"] = _portable_reference(self.config.language_model)
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            _swap_into_place(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, **hf_kwargs: Any) -> "CaptionModel":
+        """Load an artifact folder (or a Hub repo id) with no other argument needed."""
+        folder = resolve_artifact(path, **hf_kwargs)
+        config = CaptionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
+        tokenizer = load_tokenizer(str(folder / "tokenizer"))
+        lm_source = str(folder / "lm") if (folder / "lm").is_dir() else config.language_model
+        lm = load_language_model(lm_source, config.lm_family, dtype=dtype, **hf_kwargs)
+        model = cls(config, lm=lm, tokenizer=tokenizer)
+        state = load_file(folder / MAPPER_WEIGHTS)
+        model.mapper.load_state_dict(state)
+        if dtype is not None:
+            model.mapper.to(dtype)
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload the artifact folder to the Hugging Face Hub with the standard client."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(Path(tmp) / "artifact")
+            api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "artifact"))
+        return repo_id
+
+
+def _portable_reference(name: str) -> str:
+    # A local LM folder is stored as an absolute path so the artifact loads from any working dir.
+    return str(Path(name).resolve()) if os.path.isdir(name) else name
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Replace folder `path` by `tmp`; at every instant either the old or the new one is complete."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(path, old)  # between these two renames, resolve_artifact falls back to `old`
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_artifact(path: str | Path, **hf_kwargs: Any) -> Path:
+    """A local artifact folder (falling back to a save's `.old` twin), or a Hub repo id downloaded."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    old = p.with_name(f".{p.name}.old")
+    if (old / CONFIG_NAME).is_file():
+        return old
+    if p.exists():
+        raise FileNotFoundError(f"{p} is not a prefixcap model: {CONFIG_NAME} is missing")
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        keep = {k: v for k, v in hf_kwargs.items() if k in {"revision", "token", "cache_dir"}}
+        return Path(snapshot_download(repo_id=str(path), **keep))
+    raise FileNotFoundError(f"no prefixcap model at {path!r} (not a folder, not a Hub repo id)")
