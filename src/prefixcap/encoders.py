@@ -113,7 +113,7 @@ class HFClipEncoder:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         try:
             self.model = AutoModel.from_pretrained(spec.name, dtype=self.dtype, **hf_kwargs)
-        except OSError as err:
+        except (OSError, ValueError) as err:
             raise UnknownEncoderError(f"cannot load CLIP model {spec.requested!r} ({spec.name}): {err}") from err
         if not hasattr(self.model, "get_image_features"):
             raise UnknownEncoderError(

@@ -41,7 +41,7 @@ def detect_family(name_or_path: str, **hf_kwargs: Any) -> str:
 
     try:
         config = AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise LanguageModelError(f"cannot load the config of language model {name_or_path!r}: {err}") from err
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
@@ -101,5 +101,5 @@ def load_language_model(name_or_path: str, family: str, dtype=None, **hf_kwargs:
     cls = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[family]
     try:
         return cls.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise LanguageModelError(f"cannot load language model {name_or_path!r}: {err}") from err
