@@ -1,0 +1,1 @@
+"""Benchmarks: prefixcap against faithful re-implementations of the original ClipCap loops."""

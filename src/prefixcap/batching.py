@@ -1,0 +1,315 @@
+"""Dynamic batching: images from concurrent requests are grouped per decoding options onto one model thread.
+
+Why this shape: a captioner is much faster per image on a batch than one image at a time, and
+decoding options (beams, sampling, lengths) are arguments of one `generate` call, so only
+requests with identical options can share a batch. All queue state lives on the event loop;
+the model runs in a single worker thread so the loop keeps accepting and answering requests
+(health checks, 503s, timeouts) while a batch is being decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+class Captioner(Protocol):
+    """What the batcher needs from a captioner (prefixcap.caption.Captioner provides it)."""
+
+    def caption(self, images: Sequence[Any], **options: Any) -> list[str] | list[list[str]]:
+        """One caption per image, or a list of captions per image when num_return_sequences > 1.
+
+        `options` are DecodeOptions' fields plus `batch_size`."""
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding options of one request; hashable, because equal options share a batch."""
+
+    num_beams: int = 1
+    max_new_tokens: int = 30
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50  # sampling only; 0 = no top-k filtering
+    top_p: float = 1.0
+    num_return_sequences: int = 1
+
+    def caption_kwargs(self) -> dict[str, Any]:
+        kwargs = asdict(self)
+        if not self.do_sample:
+            # Sampling knobs mean nothing for greedy/beam search; dropping them keeps
+            # `generate` from warning about unused flags on every batch.
+            for name in ("temperature", "top_k", "top_p"):
+                kwargs.pop(name)
+        return kwargs
+
+
+@dataclass
+class BatchConfig:
+    """How requests are grouped and how much may wait."""
+
+    max_batch_size: int = 16  # images per model call
+    max_wait_ms: float = 10.0  # how long the oldest queued image may wait for company
+    max_queue: int = 256  # images waiting (not yet on the model); more -> QueueFull (503)
+    request_timeout_s: float = 60.0  # queue wait + decoding, per request
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+
+
+class QueueFull(Exception):
+    """The bounded queue cannot take this request now; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeout(Exception):
+    """The request was not answered within the request timeout."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BatcherClosed(Exception):
+    """The batcher is shutting down and takes no more work."""
+
+
+@dataclass
+class BatcherStats:
+    """Counters for observability (served by /healthz)."""
+
+    requests: int = 0
+    images: int = 0
+    model_calls: int = 0
+    images_captioned: int = 0
+    largest_batch: int = 0
+    queue_depth: int = 0
+    max_queue_depth: int = 0
+    rejected_queue_full: int = 0
+    timeouts: int = 0
+    model_errors: int = 0
+    model_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean_batch_size"] = round(self.images_captioned / self.model_calls, 3) if self.model_calls else 0.0
+        out["model_seconds"] = round(self.model_seconds, 4)
+        return out
+
+
+@dataclass(eq=False)
+class _Item:
+    image: Any  # whatever the captioner's `caption` accepts: PIL image, preprocessed pixels, ...
+    options: DecodeOptions
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    """Queue images, group them by options, and caption each group in batches on one thread.
+
+    Use inside a running event loop: `await start()`, then `await submit(images, options)` from
+    any number of concurrent tasks, and `await stop()` at shutdown.
+    """
+
+    def __init__(self, captioner: Captioner, config: BatchConfig | None = None):
+        self.captioner = captioner
+        self.config = config or BatchConfig()
+        self.stats = BatcherStats()
+        # Insertion-ordered: option groups are served oldest-head first, so no group starves.
+        self._groups: dict[DecodeOptions, deque[_Item]] = {}
+        self._pending = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._closed = False
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefixcap-model")
+        self._task = asyncio.create_task(self._run(), name="prefixcap-batcher")
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for group in self._groups.values():
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(BatcherClosed("the server is shutting down"))
+        self._groups.clear()
+        self._set_pending(0)
+        if self._executor is not None:
+            # Don't wait for a batch in flight: its results have nowhere to go anymore.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # --- the public call -----------------------------------------------------------------
+    async def submit(self, images: Sequence[Any], options: DecodeOptions,
+                     timeout_s: float | None = None) -> list[list[str] | Exception]:
+        """Captions for `images` (a list of captions per image), batched with other requests.
+
+        An image the model failed on gets its exception in place of its captions, so the other
+        images of the request keep theirs. Raises QueueFull when the queue has no room for all
+        of them (nothing is queued then), RequestTimeout after `timeout_s` (default: the config's).
+        """
+        if self._closed or self._task is None:
+            raise BatcherClosed("the batcher is not running")
+        if not images:
+            return []
+        cfg = self.config
+        if self._pending + len(images) > cfg.max_queue:
+            self.stats.rejected_queue_full += 1
+            raise QueueFull(f"the captioning queue is full ({self._pending}/{cfg.max_queue} images waiting); "
+                            "retry later", self.retry_after())
+        loop = asyncio.get_running_loop()
+        items = [_Item(image, options, loop.create_future()) for image in images]
+        self._groups.setdefault(options, deque()).extend(items)
+        self._set_pending(self._pending + len(items))
+        self.stats.requests += 1
+        self.stats.images += len(items)
+        self._wakeup.set()
+        timeout_s = cfg.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            gathered = asyncio.gather(*(it.future for it in items), return_exceptions=True)
+            return list(await asyncio.wait_for(gathered, timeout_s))
+        except asyncio.TimeoutError:
+            self.stats.timeouts += 1
+            raise RequestTimeout(f"no answer within the request timeout of {timeout_s:g} s; "
+                                 "the server is busy, retry later", self.retry_after()) from None
+        finally:
+            self._forget(items)  # timed out or cancelled (client gone): free their queue slots
+
+    def retry_after(self) -> int:
+        """Seconds until the current queue is probably drained (at least 1), for Retry-After."""
+        per_call = self.stats.model_seconds / self.stats.model_calls if self.stats.model_calls else 1.0
+        calls = math.ceil(max(self._pending, 1) / self.config.max_batch_size)
+        return max(1, math.ceil(calls * per_call))
+
+    @property
+    def queue_depth(self) -> int:
+        return self._pending
+
+    # --- internals -----------------------------------------------------------------------
+    def _set_pending(self, n: int) -> None:
+        self._pending = n
+        self.stats.queue_depth = n
+        self.stats.max_queue_depth = max(self.stats.max_queue_depth, n)
+
+    def _forget(self, items: list[_Item]) -> None:
+        """Drop items still queued (their request gave up); items already taken are not here."""
+        group = self._groups.get(items[0].options) if items else None
+        if not group:
+            return
+        removed = 0
+        for item in items:
+            try:
+                group.remove(item)
+                removed += 1
+            except ValueError:
+                pass  # already on the model or answered
+        if removed:
+            self._set_pending(self._pending - removed)
+            if not group:
+                del self._groups[items[0].options]
+
+    def _oldest_group(self) -> DecodeOptions | None:
+        heads = [(group[0].enqueued, key) for key, group in self._groups.items() if group]
+        return min(heads, key=lambda h: h[0])[1] if heads else None
+
+    async def _next_batch(self) -> list[_Item]:
+        """Wait until the oldest group is full or its oldest image waited max_wait_ms; take it."""
+        cfg = self.config
+        while True:
+            key = self._oldest_group()
+            if key is None:
+                return []
+            group = self._groups[key]
+            wait = group[0].enqueued + cfg.max_wait_ms / 1000 - time.monotonic()
+            if len(group) >= cfg.max_batch_size or wait <= 0:
+                batch = [group.popleft() for _ in range(min(cfg.max_batch_size, len(group)))]
+                if not group:
+                    del self._groups[key]
+                self._set_pending(self._pending - len(batch))
+                return batch
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), wait)  # new arrivals re-check fullness
+            except asyncio.TimeoutError:
+                pass
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [it for it in await self._next_batch() if not it.future.done()]
+            if not batch:
+                continue
+            results = await loop.run_in_executor(self._executor, self._caption_batch, batch)
+            for item, result in zip(batch, results):
+                if item.future.done():
+                    continue  # its request timed out while the model ran
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+
+    def _caption_batch(self, batch: list[_Item]) -> list[list[str] | Exception]:
+        """Runs on the model thread. One call for the batch; if it fails, one call per image,
+        so an image the model cannot handle fails alone, not its batch-mates."""
+        options = batch[0].options
+        images = [it.image for it in batch]
+        try:
+            return self._timed_call(images, options)
+        except Exception as exc:  # noqa: BLE001 - reported per image below
+            if len(batch) == 1:
+                self.stats.model_errors += 1
+                return [exc]
+        out: list[list[str] | Exception] = []
+        for image in images:
+            try:
+                out.extend(self._timed_call([image], options))
+            except Exception as exc:  # noqa: BLE001
+                self.stats.model_errors += 1
+                out.append(exc)
+        return out
+
+    def _timed_call(self, images: list[Any], options: DecodeOptions) -> list[list[str]]:
+        start = time.perf_counter()
+        try:
+            raw = self.captioner.caption(images, batch_size=len(images), **options.caption_kwargs())
+        finally:
+            self.stats.model_calls += 1
+            self.stats.model_seconds += time.perf_counter() - start
+        if len(raw) != len(images):
+            raise RuntimeError(f"captioner returned {len(raw)} results for {len(images)} images")
+        self.stats.images_captioned += len(images)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(images))
+        return [[r] if isinstance(r, str) else list(r) for r in raw]

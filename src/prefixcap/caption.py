@@ -1,0 +1,391 @@
+"""Fast batched captioning: images or CLIP embeddings -> prefix -> the LM's own `generate` (KV cache on).
+
+The original ClipCap decoded one image at a time and re-ran the whole sequence for every token.
+Here the encoder and the LM both run on whole batches, the prefix goes to `generate` as
+`inputs_embeds` (causal LMs) or as the encoder's `inputs_embeds` (seq2seq LMs), and every decoding
+strategy `generate` offers (greedy, beam search, sampling, penalties, several returned sequences)
+comes for free. The only Python work per token is what `generate` itself does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from prefixcap.data.decode import SKIP_REASONS, decode_image
+from prefixcap.encoders import ImageEncoder, load_encoder, to_rgb
+from prefixcap.model import CaptionConfig, CaptionModel
+
+logger = logging.getLogger(__name__)
+
+# What `caption` accepts for one image.
+ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray, torch.Tensor]
+
+
+class ImageInputError(ValueError):
+    """An input that cannot be decoded or preprocessed into the encoder's pixels."""
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding options, passed on to the LM's `generate` (same names and meanings).
+
+    `max_new_tokens=None` means the longest caption the model saw in training (its config's
+    max_token_length), capped by the LM's context length.
+    """
+
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0  # sampling only
+    top_k: int = 50  # sampling only; 0 disables
+    top_p: float = 1.0  # sampling only
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0  # beam search only: score = sum log p / length ** length_penalty
+    max_new_tokens: int | None = None
+    num_return_sequences: int = 1
+
+    def validate(self) -> "GenerationSettings":
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences={self.num_return_sequences} needs num_beams >= "
+                f"{self.num_return_sequences} (or do_sample=True): greedy/beam search can only return "
+                "as many distinct captions as it keeps beams"
+            )
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+    @classmethod
+    def split_kwargs(cls, base: "GenerationSettings | None", kwargs: dict[str, Any]
+                     ) -> tuple["GenerationSettings", dict[str, Any]]:
+        """Settings = base overridden by the kwargs naming its fields; the rest goes to `generate` verbatim."""
+        names = {f.name for f in fields(cls)}
+        values = asdict(base) if base is not None else {}
+        values.update({k: v for k, v in kwargs.items() if k in names})
+        extra = {k: v for k, v in kwargs.items() if k not in names}
+        return cls(**values).validate(), extra
+
+
+@dataclass
+class GenerationOutput:
+    """Raw result of one batch: generated token ids (eos and padding removed) and optional scores."""
+
+    tokens: list[list[int]]  # B * num_return_sequences rows, grouped by input
+    scores: list[float] | None  # one per row: mean log-probability per token (beam: beam score)
+
+
+class Captioner:
+    """A loaded captioning model plus its CLIP encoder; thread-safe, keeps everything on `device`."""
+
+    def __init__(self, model: CaptionModel, encoder: ImageEncoder | None = None,
+                 clip_model: str | None = None, settings: GenerationSettings | None = None,
+                 encoder_dtype: torch.dtype | None = None, num_decode_threads: int | None = None):
+        self.model = model.eval()
+        self.config: CaptionConfig = model.config
+        self.tokenizer = model.tokenizer
+        self.device = next(model.parameters()).device
+        self.settings = (settings or GenerationSettings()).validate()
+        self.clip_model = clip_model or self.config.clip_model
+        self._encoder = encoder
+        self._encoder_dtype = encoder_dtype
+        self._preprocess: Callable[[Image.Image], np.ndarray] | None = None
+        self._lock = threading.RLock()  # one generate at a time: concurrent callers queue here
+        self._threads = num_decode_threads or min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
+        self.is_seq2seq = self.config.lm_family == "seq2seq"
+        self.eos_token_id = self.tokenizer.eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the model's tokenizer has no end-of-text token; training appends one, "
+                             "so the artifact's tokenizer/ folder is broken")
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.eos_token_id
+
+    # --- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None, clip_model: str | None = None,
+                        **hf_kwargs: Any) -> "Captioner":
+        """Load a prefixcap artifact (folder or Hub id); the CLIP encoder named in its config is
+        loaded on first use (`clip_model` overrides the name, e.g. a local copy of it)."""
+        model = CaptionModel.from_pretrained(path, device=device, dtype=dtype, **hf_kwargs)
+        return cls(model, clip_model=clip_model, encoder_dtype=dtype)
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        """The CLIP image encoder, loaded lazily so embedding-only use never needs the CLIP weights."""
+        if self._encoder is None:
+            with self._lock:
+                if self._encoder is None:
+                    encoder = load_encoder(self.clip_model, device=self.device, dtype=self._encoder_dtype)
+                    expected = self.config.mapping.prefix_size
+                    if encoder.embedding_dim != expected:
+                        raise ValueError(
+                            f"CLIP model {self.clip_model!r} gives {encoder.embedding_dim}-d embeddings but "
+                            f"the captioner was trained on {expected}-d ones ({self.config.clip_model!r})"
+                        )
+                    self._encoder = encoder
+        return self._encoder
+
+    # --- images -> pixels -> embeddings ------------------------------------------------------
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """One input -> the encoder's (3, H, W) float32 pixels, exactly as the preprocess stage does it."""
+        if isinstance(image, (torch.Tensor, np.ndarray)):
+            arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
+            if arr.dtype != np.uint8:
+                # A float array is already-preprocessed pixels (what `preprocessor()` returns).
+                if arr.ndim != 3 or arr.shape[0] != 3:
+                    raise ImageInputError(
+                        f"a float tensor input must be preprocessed pixels of shape (3, H, W), got "
+                        f"{tuple(arr.shape)}; pass raw images as uint8 (H, W, 3) / (3, H, W) or PIL images"
+                    )
+                return np.ascontiguousarray(arr, dtype=np.float32)
+            image = _uint8_to_pil(arr)
+        elif not isinstance(image, Image.Image):
+            image = decode_input(image)
+        if self._preprocess is None:
+            self._preprocess = self.encoder.preprocessor()
+        return self._preprocess(to_rgb(image))
+
+    def _map(self, fn: Callable, items: Sequence) -> list:
+        # PIL decoding/resizing releases the GIL, so a few threads keep the accelerator fed.
+        if len(items) <= 1 or self._threads <= 1:
+            return [fn(x) for x in items]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefixcap-decode")
+        return list(self._pool.map(fn, items))
+
+    def load_pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Decode + preprocess a list of inputs in parallel -> (B, 3, H, W) float32 (CPU)."""
+        def one(indexed):
+            i, img = indexed
+            try:
+                return self.preprocess(img)
+            except ImageInputError as err:
+                raise ImageInputError(f"cannot read image {_describe(img, i)}: {err}") from err
+            except Exception as err:  # noqa: BLE001 - any decoder failure is reported with the input named
+                raise ImageInputError(f"cannot read image {_describe(img, i)}: {err}") from err
+
+        return torch.from_numpy(np.stack(self._map(one, list(enumerate(images)))))  # (B, 3, H, W)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixels -> (B, C) CLIP embeddings on the device."""
+        return self.encoder.encode_pixels(pixels)  # (B, C)
+
+    # --- embeddings -> captions --------------------------------------------------------------
+    def _generate_kwargs(self, settings: GenerationSettings, return_scores: bool) -> dict[str, Any]:
+        k = self.config.prefix_length
+        max_new = settings.max_new_tokens or self.config.max_token_length
+        if not self.is_seq2seq:
+            ctx = _context_length(self.model.lm)
+            if ctx is not None and k + max_new > ctx:
+                if settings.max_new_tokens is not None:
+                    logger.warning("max_new_tokens=%d does not fit the LM's %d positions after the %d-token "
+                                   "prefix; using %d", max_new, ctx, k, ctx - k)
+                max_new = ctx - k
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new,
+            num_beams=settings.num_beams,
+            num_return_sequences=settings.num_return_sequences,
+            do_sample=settings.do_sample,
+            repetition_penalty=settings.repetition_penalty,
+            eos_token_id=self.eos_token_id,  # training appends exactly this token to every caption
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        if settings.num_beams > 1:
+            kwargs.update(length_penalty=settings.length_penalty)
+        if return_scores:
+            kwargs.update(return_dict_in_generate=True, output_scores=True)
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(self, embeddings: torch.Tensor | np.ndarray, settings: GenerationSettings | None = None,
+                 return_scores: bool = False, **generate_kwargs: Any) -> GenerationOutput:
+        """One batch of CLIP embeddings (B, C) -> generated token ids; the core of every caption call."""
+        settings = settings or self.settings
+        emb = torch.as_tensor(embeddings).to(self.device)
+        if emb.ndim != 2 or emb.shape[1] != self.config.mapping.prefix_size:
+            raise ValueError(f"embeddings must have shape (B, {self.config.mapping.prefix_size}), "
+                             f"got {tuple(emb.shape)}")
+        kwargs = self._generate_kwargs(settings, return_scores)
+        kwargs.update(generate_kwargs)
+        with self._lock, warnings.catch_warnings():
+            # The prefix has no token ids, so a repetition penalty can only see generated tokens:
+            # that is the intended behaviour here, not a problem worth a warning on every call.
+            warnings.filterwarnings("ignore", message=".*with `inputs_embeds` and without `input_ids`.*")
+            prefix = self.model.prefix(emb)  # (B, K, D)
+            attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)  # (B, K)
+            # Every prefix has exactly K positions, so no padding (left or right) is ever needed.
+            out = self.model.lm.generate(inputs_embeds=prefix, attention_mask=attention, **kwargs)
+        sequences = out.sequences if return_scores else out  # (B*n, T)
+        if self.is_seq2seq:
+            sequences = sequences[:, 1:]  # drop the decoder start token
+        # Decoder-only `generate` from inputs_embeds returns only the new tokens (transformers >= 4.27).
+        tokens, lengths = _trim_at_eos(sequences, self.eos_token_id)
+        scores = _sequence_scores(self.model.lm, out, lengths, settings) if return_scores else None
+        return GenerationOutput(tokens=tokens, scores=scores)
+
+    def decode(self, tokens: list[list[int]]) -> list[str]:
+        return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+
+    def caption_embeddings(self, embeddings: torch.Tensor | np.ndarray, batch_size: int = 32,
+                           return_scores: bool = False, settings: GenerationSettings | None = None,
+                           progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
+        """CLIP embeddings (N, C) -> N captions (list[str], or list[list[str]] when
+        num_return_sequences > 1); with return_scores, (captions, scores) in the same layout."""
+        settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
+        emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
+        if emb.ndim == 1:
+            emb = emb[None]
+        texts: list[str] = []
+        scores: list[float] = []
+        for start in range(0, emb.shape[0], batch_size):
+            out = self.generate(emb[start:start + batch_size], settings, return_scores, **extra)
+            texts += self.decode(out.tokens)
+            if out.scores is not None:
+                scores += out.scores
+            if progress is not None:
+                progress(min(batch_size, emb.shape[0] - start))
+        return _shape_result(texts, scores if return_scores else None, settings.num_return_sequences)
+
+    def caption(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 32,
+                return_scores: bool = False, settings: GenerationSettings | None = None,
+                progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
+        """Images (paths, PIL images, bytes, uint8 arrays, or preprocessed (3,H,W)/(B,3,H,W) float
+        tensors) -> captions, as `caption_embeddings`. A single image gives a one-element list."""
+        settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
+        items = _as_list(images)
+        texts: list[str] = []
+        scores: list[float] = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            emb = self.encode_pixels(self.load_pixels(chunk))  # (b, C)
+            out = self.generate(emb, settings, return_scores, **extra)
+            texts += self.decode(out.tokens)
+            if out.scores is not None:
+                scores += out.scores
+            if progress is not None:
+                progress(len(chunk))
+        return _shape_result(texts, scores if return_scores else None, settings.num_return_sequences)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+
+# --- helpers -------------------------------------------------------------------------------
+def read_bytes(source: Any) -> bytes:
+    """A path, bytes or binary file object -> the encoded image bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return Path(source).read_bytes()
+        except FileNotFoundError:
+            raise ImageInputError(f"image file not found: {os.fspath(source)}") from None
+        except OSError as err:
+            raise ImageInputError(f"cannot read image file {os.fspath(source)}: {err}") from err
+    if hasattr(source, "read"):
+        return source.read()
+    raise ImageInputError(f"unsupported image input of type {type(source).__name__}; expected a path, "
+                          "bytes, a PIL image, a uint8 array or a float (3, H, W) pixel tensor")
+
+
+def decode_input(source: Any) -> Image.Image:
+    """Encoded image -> RGB PIL image through the preprocess stage's decoder (same limits, same fixes)."""
+    decoded = decode_image(read_bytes(source))
+    if decoded.image is None:
+        raise ImageInputError(f"{decoded.reason}: {SKIP_REASONS.get(decoded.reason, decoded.reason)}")
+    return decoded.image
+
+
+def _uint8_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) torch layout -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ImageInputError(f"a uint8 image array must be (H, W), (H, W, C) or (C, H, W), got {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _describe(image: Any, index: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"{os.fspath(image)!r} (input {index})"
+    return f"input {index} ({type(image).__name__})"
+
+
+def _as_list(images: Any) -> list:
+    if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype != torch.uint8:
+        return list(images)  # a (B, 3, H, W) batch of preprocessed pixels
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray, torch.Tensor)):
+        return [images]
+    return list(images)
+
+
+def _context_length(lm: torch.nn.Module) -> int | None:
+    cfg = lm.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _trim_at_eos(sequences: torch.Tensor, eos: int) -> tuple[list[list[int]], list[int]]:
+    """(N, T) ids -> per row the tokens before the first eos, and the generated length (eos included)."""
+    is_eos = sequences == eos  # (N, T)
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, sequences.shape[1],
+                                                                            dtype=torch.long))
+    rows = sequences.tolist()
+    cut = first.tolist()
+    lengths = [c + 1 if h else c for c, h in zip(cut, has_eos.tolist())]
+    return [r[:c] for r, c in zip(rows, cut)], lengths
+
+
+def _sequence_scores(lm, out, lengths: list[int], settings: GenerationSettings) -> list[float]:
+    if getattr(out, "sequences_scores", None) is not None:  # beam search: its own ranking score
+        return out.sequences_scores.float().cpu().tolist()
+    # Greedy / sampling: mean log-probability of the generated tokens (eos included).
+    step_scores = torch.stack(out.scores, dim=1).float()  # (N, T_new, V) processed logits
+    logp = torch.log_softmax(step_scores, dim=-1)
+    seq = out.sequences[:, -step_scores.shape[1]:]  # (N, T_new)
+    token_logp = logp.gather(-1, seq.unsqueeze(-1)).squeeze(-1)  # (N, T_new)
+    n = torch.tensor(lengths, device=token_logp.device).clamp_min(1)
+    mask = torch.arange(token_logp.shape[1], device=token_logp.device)[None] < n[:, None]
+    return (torch.where(mask, token_logp, 0.0).sum(1) / n).cpu().tolist()
+
+
+def _shape_result(texts: list[str], scores: list[float] | None, n: int):
+    if n > 1:
+        texts = [texts[i:i + n] for i in range(0, len(texts), n)]
+        if scores is not None:
+            scores = [scores[i:i + n] for i in range(0, len(scores), n)]
+    return (texts, scores) if scores is not None else texts

@@ -1,0 +1,259 @@
+"""`prefixcap preprocess` / `create_dataset.py`: encode images with CLIP and tokenize captions into shards."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prefixcap.data.decode import CONVERSIONS, DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS
+from prefixcap.data.readers import READERS, InputError, ReaderConfig, make_reader
+from prefixcap.data.shards import FORMAT_VERSION
+
+PROG = "prefixcap preprocess"
+
+
+@dataclass
+class PreprocessConfig:
+    """Every option of the preprocess stage (the seed's create_dataset.py flags plus prefixcap's)."""
+
+    input_dataset: list[str] = field(default_factory=list)
+    output_folder: str = "./preprocessed_dataset/"
+    input_format: str = "files"
+    batch_size: int = 256
+    num_prepro_workers: int = 8
+    wds_image_key: str = "jpg"
+    wds_caption_key: str = "txt"
+    wds_caption_in_metadata: bool = False
+    subset_size: int | None = None
+    cache_path: str | None = None
+    clip_model: str = "ViT-B/32"
+    tokenizer_model_type: str = "gpt2"
+    tokenizer_model_variant: str = "gpt2-xl"
+    max_token_length: int = 128
+    prefix_length: int = 10
+    device: str = "cuda:0"
+    # prefixcap's additions
+    image_column: str = "image_path"
+    caption_column: str = "caption"
+    key_column: str | None = None
+    image_root: str | None = None
+    coco_split: str | None = None
+    samples_per_shard: int = 10000
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    jpeg_draft: bool = False
+    progress: bool = True
+
+
+def _bool(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in {"1", "true", "yes", "y", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "n", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    """The one parser behind `prefixcap preprocess` and the root create_dataset.py."""
+    from prefixcap.language_models import MODEL_TYPES
+
+    d = PreprocessConfig()
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io_ = p.add_argument_group("input and output")
+    io_.add_argument("--input_dataset", nargs="+", required=True,
+                     help='input: brace pattern ("./webdataset/{000..123}.tar"), folder, file(s), URL or pipe:')
+    io_.add_argument("--output_folder", default=d.output_folder, help="folder for shards + manifest.json")
+    io_.add_argument("--input_format", default=d.input_format, choices=sorted(READERS), help="input format")
+    io_.add_argument("--subset_size", type=_positive, default=None, help="stop after this many input samples")
+    io_.add_argument("--samples_per_shard", type=_positive, default=d.samples_per_shard,
+                     help="input samples per output shard (also the unit of resume)")
+    wds = p.add_argument_group("webdataset input")
+    wds.add_argument("--wds_image_key", default=d.wds_image_key, help="image extension(s) in the tars, e.g. jpg;png")
+    wds.add_argument("--wds_caption_key", default=d.wds_caption_key, help="caption extension (or json field)")
+    wds.add_argument("--wds_caption_in_metadata", type=_bool, nargs="?", const=True, default=d.wds_caption_in_metadata,
+                     help="read the caption from the sample's .json under --wds_caption_key")
+    wds.add_argument("--cache_path", default=None, help="webdataset cache folder for remote tars")
+    tab = p.add_argument_group("parquet / csv / jsonl / coco / embeddings input")
+    tab.add_argument("--image_column", default=d.image_column, help="column with the image path (relative to the table) or bytes")
+    tab.add_argument("--caption_column", default=d.caption_column, help="column with the caption (or a list of captions)")
+    tab.add_argument("--key_column", default=None, help="column with a sample key (default: the image path)")
+    tab.add_argument("--image_root", default=None, help="folder image paths are relative to (default: the table's / json's folder)")
+    tab.add_argument("--coco_split", default=None, help="Karpathy split(s) to keep, e.g. train,restval")
+    enc = p.add_argument_group("encoder and tokenizer")
+    enc.add_argument("--clip_model", default=d.clip_model,
+                     help="OpenAI name (ViT-B/32...), Hugging Face CLIP/SigLIP id, local folder, or open_clip:ARCH/PRETRAINED")
+    enc.add_argument("--tokenizer_model_type", default=d.tokenizer_model_type, choices=list(MODEL_TYPES),
+                     help="target LM family")
+    enc.add_argument("--tokenizer_model_variant", default=d.tokenizer_model_variant,
+                     help="Hugging Face LM name or local folder whose tokenizer is used")
+    enc.add_argument("--max_token_length", type=_positive, default=d.max_token_length,
+                     help="captions are truncated to this many tokens (counted)")
+    enc.add_argument("--prefix_length", type=_positive, default=d.prefix_length, help="recorded for training")
+    run = p.add_argument_group("speed")
+    run.add_argument("--batch_size", type=_positive, default=d.batch_size, help="images per encoder batch")
+    run.add_argument("--num_prepro_workers", type=_non_negative, default=d.num_prepro_workers,
+                     help="image decoding worker processes (0: decode in the main process)")
+    run.add_argument("--device", default=d.device, help="encoder device; falls back to cpu when CUDA is absent")
+    run.add_argument("--max_image_pixels", type=_positive, default=d.max_image_pixels,
+                     help="larger images are skipped as decompression bombs")
+    run.add_argument("--jpeg_draft", action="store_true",
+                     help="let the JPEG decoder downscale while decoding (faster, pixels differ slightly)")
+    run.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def parse_config(argv: list[str] | None = None, prog: str = PROG) -> PreprocessConfig:
+    args = build_parser(prog).parse_args(argv)
+    return PreprocessConfig(**vars(args))
+
+
+def resolve_device(requested: str) -> str:
+    """cuda -> cuda:LOCAL_RANK under a launcher; cpu with a notice when CUDA is absent."""
+    import torch
+
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            print(f"{PROG}: --device {requested!r} requested but CUDA is not available; using cpu", file=sys.stderr)
+            return "cpu"
+        local_rank = os.environ.get("LOCAL_RANK")
+        if local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and requested in {"cuda", "cuda:0"}:
+            return f"cuda:{int(local_rank) % torch.cuda.device_count()}"
+    return requested
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun / accelerate launch / plain env vars."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
+    return rank, world
+
+
+def run_preprocess(cfg: PreprocessConfig):
+    """Library entry point: validate, load the tokenizer and encoder, run this rank; returns a RunSummary."""
+    from prefixcap import __version__
+    from prefixcap.data.runner import RunConfig, Runner
+    from prefixcap.language_models import family_of_type, load_tokenizer, tokenizer_fingerprint
+
+    rank, world = _distributed()
+    reader_cfg = ReaderConfig(
+        inputs=list(cfg.input_dataset), input_format=cfg.input_format, wds_image_key=cfg.wds_image_key,
+        wds_caption_key=cfg.wds_caption_key, wds_caption_in_metadata=cfg.wds_caption_in_metadata,
+        cache_path=cfg.cache_path, image_column=cfg.image_column, caption_column=cfg.caption_column,
+        key_column=cfg.key_column, image_root=cfg.image_root, coco_split=cfg.coco_split,
+        samples_per_shard=cfg.samples_per_shard,
+    )
+    reader = make_reader(reader_cfg)  # fails at once on a bad path / column / format
+    family = family_of_type(cfg.tokenizer_model_type, cfg.tokenizer_model_variant)
+    tokenizer = load_tokenizer(cfg.tokenizer_model_variant)
+    encoder = None
+    if cfg.input_format == "embeddings":
+        from prefixcap.encoders import resolve_encoder
+
+        resolve_encoder(cfg.clip_model)  # validated, recorded; the embeddings are already computed
+        encoder_name, embedding_dim = cfg.clip_model, int(reader.dim)
+    else:
+        from prefixcap.encoders import load_encoder
+
+        device = resolve_device(cfg.device)
+        encoder = load_encoder(cfg.clip_model, device=device)
+        encoder_name, embedding_dim = encoder.spec.name, int(encoder.embedding_dim)
+
+    units = reader.units()
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "clip_model": cfg.clip_model, "encoder": encoder_name, "embedding_dim": embedding_dim,
+        "tokenizer": cfg.tokenizer_model_variant, "tokenizer_model_type": cfg.tokenizer_model_type,
+        "lm_family": family, "tokenizer_fingerprint": fingerprint,
+        "max_token_length": cfg.max_token_length, "prefix_length": cfg.prefix_length,
+        "input_format": cfg.input_format, "num_input_units": len(units),
+        "input_units_sha256": hashlib.sha256("\n".join(units).encode()).hexdigest(),
+        "samples_per_shard": cfg.samples_per_shard, "subset_size": cfg.subset_size,
+        "reader": {k: v for k, v in asdict(reader_cfg).items() if k not in {"inputs", "input_format", "cache_path",
+                                                                           "samples_per_shard"}},
+        "max_image_pixels": cfg.max_image_pixels, "jpeg_draft": cfg.jpeg_draft,
+    }
+    header = {
+        "clip_model": cfg.clip_model, "encoder": encoder_name, "embedding_dim": embedding_dim, "normalized": False,
+        "tokenizer": cfg.tokenizer_model_variant, "tokenizer_model_type": cfg.tokenizer_model_type,
+        "lm_family": family, "tokenizer_fingerprint": fingerprint,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        "max_token_length": cfg.max_token_length, "prefix_length": cfg.prefix_length,
+        "input_format": cfg.input_format, "created_by": f"prefixcap {__version__} preprocess",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    run_cfg = RunConfig(
+        output_folder=cfg.output_folder, batch_size=cfg.batch_size, num_prepro_workers=cfg.num_prepro_workers,
+        samples_per_shard=cfg.samples_per_shard, subset_size=cfg.subset_size, max_image_pixels=cfg.max_image_pixels,
+        jpeg_draft=cfg.jpeg_draft, rank=rank, world_size=world, progress=cfg.progress,
+    )
+    return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings, header).run()
+
+
+def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
+    rate = summary.num_images / summary.seconds if summary.seconds else 0.0
+    out = [f"{PROG}: this run encoded {summary.num_images} images / {summary.num_captions} captions "
+           f"into {summary.shards_written} shards in {summary.seconds:.1f}s ({rate:.1f} img/s)"]
+    manifest = summary.manifest
+    if manifest is None:
+        out.append(f"  other ranks are still running; the last one to finish writes {cfg.output_folder}/manifest.json")
+    else:
+        out.append(f"  dataset {cfg.output_folder}: {manifest['num_images']} images, {manifest['num_captions']} captions, "
+                   f"{len(manifest['shards'])} shards, embedding_dim {manifest['embedding_dim']}")
+        out.append(f"  skipped {manifest['num_skipped']}" + "".join(
+            f"\n    {reason}: {n}  ({SKIP_REASONS.get(reason, '')})" for reason, n in manifest["skipped"].items()))
+        if manifest.get("converted"):
+            out.append("  converted" + "".join(f"\n    {name}: {n}  ({CONVERSIONS.get(name, '')})"
+                                              for name, n in manifest["converted"].items()))
+        out.append(f"  captions truncated to {manifest['max_token_length']} tokens: {manifest['num_truncated']}")
+    print("\n".join(out))
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    cfg = parse_config(argv, prog)
+    from prefixcap.data.runner import SettingsMismatchError
+    from prefixcap.encoders import UnknownEncoderError
+    from prefixcap.language_models import LanguageModelError
+
+    try:
+        summary = run_preprocess(cfg)
+    except (InputError, SettingsMismatchError, UnknownEncoderError, LanguageModelError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; complete shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    print_summary(summary, cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
