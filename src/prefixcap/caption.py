@@ -114,6 +114,8 @@ class Captioner:
         self._lock = threading.RLock()  # one generate at a time: concurrent callers queue here
         self._threads = num_decode_threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._pools_lock = threading.Lock()
         self.is_seq2seq = self.config.lm_family == "seq2seq"
         self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
@@ -172,8 +174,9 @@ class Captioner:
         # PIL decoding/resizing releases the GIL, so a few threads keep the accelerator fed.
         if len(items) <= 1 or self._threads <= 1:
             return [fn(x) for x in items]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefixcap-decode")
+        with self._pools_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefixcap-decode")
         return list(self._pool.map(fn, items))
 
     def load_pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
@@ -192,7 +195,9 @@ class Captioner:
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixels -> (B, C) CLIP embeddings on the device."""
-        return self.encoder.encode_pixels(pixels)  # (B, C)
+        encoder = self.encoder
+        with self._lock:
+            return encoder.encode_pixels(pixels)  # (B, C)
 
     # --- embeddings -> captions --------------------------------------------------------------
     def _generate_kwargs(self, settings: GenerationSettings, return_scores: bool) -> dict[str, Any]:
@@ -282,9 +287,14 @@ class Captioner:
         items = _as_list(images)
         texts: list[str] = []
         scores: list[float] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            emb = self.encode_pixels(self.load_pixels(chunk))  # (b, C)
+        chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
+        # The next batch is decoded in the background while the current one is on the device.
+        upcoming = self._prefetch_pool().submit(self.load_pixels, chunks[0]) if chunks else None
+        for i, chunk in enumerate(chunks):
+            pixels = upcoming.result()  # (b, 3, H, W)
+            if i + 1 < len(chunks):
+                upcoming = self._prefetch_pool().submit(self.load_pixels, chunks[i + 1])
+            emb = self.encode_pixels(pixels)  # (b, C)
             out = self.generate(emb, settings, return_scores, **extra)
             texts += self.decode(out.tokens)
             if out.scores is not None:
@@ -293,10 +303,18 @@ class Captioner:
                 progress(len(chunk))
         return _shape_result(texts, scores if return_scores else None, settings.num_return_sequences)
 
+    def _prefetch_pool(self) -> ThreadPoolExecutor:
+        with self._pools_lock:
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="prefixcap-prefetch")
+        return self._prefetcher
+
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        """Stop the decoding threads (they are also stopped at interpreter exit)."""
+        for pool in (self._pool, self._prefetcher):
+            if pool is not None:
+                pool.shutdown(wait=False)
+        self._pool = self._prefetcher = None
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -308,9 +326,9 @@ def read_bytes(source: Any) -> bytes:
         try:
             return Path(source).read_bytes()
         except FileNotFoundError:
-            raise ImageInputError(f"image file not found: {os.fspath(source)}") from None
+            raise ImageInputError(f"missing_image: image file not found: {os.fspath(source)}") from None
         except OSError as err:
-            raise ImageInputError(f"cannot read image file {os.fspath(source)}: {err}") from err
+            raise ImageInputError(f"unreadable_image: cannot read {os.fspath(source)}: {err}") from err
     if hasattr(source, "read"):
         return source.read()
     raise ImageInputError(f"unsupported image input of type {type(source).__name__}; expected a path, "

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,16 @@ class EvaluateConfig:
     strict: bool = False  # stop at the first bad input instead of counting it
     tokenizer: str = "auto"  # ptb | simple | auto
     spice_timeout_s: float = 3600
-    device: str = "cpu"
+    device: str | None = None  # default: cuda when available
     batch_size: int = 32
+    # --model on any input the preprocess stage reads (its readers; same flag names).
+    input_format: str | None = None  # webdataset | files | parquet | csv | jsonl | coco | embeddings
+    wds_image_key: str = "jpg"
+    wds_caption_key: str = "txt"
+    wds_caption_in_metadata: bool = False
+    image_column: str = "image_path"
+    caption_column: str = "caption"
+    key_column: str | None = None
     # Decoding (--model mode), passed to Captioner.caption.
     num_beams: int = 1
     max_new_tokens: int | None = None
@@ -73,18 +81,16 @@ class Predictions:
     errors: dict[str, str] = field(default_factory=dict)  # key -> the caption stage's error
     duplicates: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{what} {path} is not valid JSON (line {err.lineno}: {err.msg})") from err
+    source: str | None = None  # --model mode: "images", "embeddings" or "reader"
 
 
 def _read_jsonl(path: Path, what: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise EvaluationError(f"{what} {path}, line {lineno}: not UTF-8 text") from err
             if not line.strip():
                 continue
             try:
@@ -96,19 +102,27 @@ def _read_jsonl(path: Path, what: str) -> Iterable[tuple[int, dict[str, Any]]]:
             yield lineno, obj
 
 
-def _is_jsonl(path: Path) -> bool:
+def _json_document(path: Path, what: str) -> tuple[bool, Any]:
+    """(True, data) for a JSON document, (False, None) for JSONL (one object per line)."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return True
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    # A JSON document starts with [ or a { spanning lines; JSONL has one complete object per line.
-    if not head.startswith("{"):
-        return False
+        return False, None
     try:
-        json.loads(head.splitlines()[0])
-        return True
-    except (json.JSONDecodeError, IndexError):
-        return False
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise EvaluationError(f"{what} {path} is not UTF-8 text (byte {err.start}): expected JSON or JSONL") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        first = text.lstrip().split("\n", 1)[0]
+        try:
+            if isinstance(json.loads(first), dict):
+                return False, None  # several objects, one per line
+        except json.JSONDecodeError:
+            pass
+        raise EvaluationError(f"{what} {path} is neither JSON nor JSONL (line {err.lineno}: {err.msg})") from err
+    if isinstance(data, dict) and "key" in data:  # a one-line JSONL file
+        return False, None
+    return True, data
 
 
 def load_predictions(path: str | os.PathLike) -> Predictions:
@@ -138,13 +152,13 @@ def load_predictions(path: str | os.PathLike) -> Predictions:
         if isinstance(score, (int, float)):
             out.scores[key] = float(score)
 
-    if _is_jsonl(path):
+    is_json, data = _json_document(path, "predictions file")
+    if not is_json:
         for lineno, obj in _read_jsonl(path, "predictions"):
             key = obj.get("key", obj.get("image_id"))
             add(key, obj.get("caption", obj.get("captions")), f"{path}, line {lineno}", obj.get("error"),
                 obj.get("score"))
         return out
-    data = _read_json(path, "predictions file")
     if isinstance(data, list):
         for i, obj in enumerate(data):
             if not isinstance(obj, dict):
@@ -282,9 +296,9 @@ def load_references(path: str | os.PathLike, split: str = "test") -> References:
         raise EvaluationError(f"references folder {path} is not a preprocessed dataset (no manifest.json)")
     if not path.is_file():
         raise EvaluationError(f"references file not found: {path}")
-    if _is_jsonl(path):
+    is_json, data = _json_document(path, "references file")
+    if not is_json:
         return _jsonl_references(path)
-    data = _read_json(path, "references file")
     if isinstance(data, dict) and "annotations" in data:
         return _coco_references(data, path)
     if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
@@ -378,7 +392,8 @@ def evaluate_predictions(
 
     unknown = [k for k in predictions if k not in references]
     no_reference = [k for k in predictions if k in references and not _clean_refs(references[k])]
-    empty = [k for k in predictions if k in references and not (predictions[k] or "").strip()]
+    empty = [k for k in predictions if k in references and not (predictions[k] or "").strip()
+             and k not in prediction_errors]  # a failed caption is counted once, as an error
     unpredicted = [k for k in references if k not in predictions]
     problems = {"unknown_images": unknown, "no_reference": no_reference, "empty_predictions": empty,
                 "caption_errors": [k for k in prediction_errors if k in predictions]}
@@ -515,6 +530,12 @@ TABLE_COLUMNS = (
     ("CLIP-S", "CLIPScore", 100), ("RefCLIP-S", "RefCLIPScore", 100),
 )
 PAPER_COLUMNS = ("B@4", "METEOR", "CIDEr", "SPICE")
+# Mokady et al. (2021), COCO Karpathy test: shown beside a run on that split for comparison.
+PAPER_RESULTS = (
+    ("ClipCap paper: transformer mapper, frozen GPT-2", {"B@4": 33.53, "METEOR": 27.45, "CIDEr": 113.08,
+                                                         "SPICE": 21.05}),
+    ("ClipCap paper: MLP mapper, fine-tuned GPT-2", {"B@4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12}),
+)
 
 
 def _cell(value: Any, scale: float) -> str:
@@ -531,7 +552,12 @@ def markdown_report(result: Mapping[str, Any], name: str) -> str:
         lines += ["ClipCap paper layout (x100):", "",
                   "| model | " + " | ".join(c[0] for c in paper) + " |",
                   "|---|" + "---:|" * len(paper),
-                  f"| {name} | " + " | ".join(_cell(figures[c[1]], c[2]) for c in paper) + " |", ""]
+                  f"| {name} | " + " | ".join(_cell(figures[c[1]], c[2]) for c in paper) + " |"]
+        settings = result["settings"]
+        if settings.get("reference_format") == "karpathy" and settings.get("split") == "test":
+            lines += [f"| {label} | " + " | ".join(f"{row[c[0]]:.2f}" for c in paper) + " |"
+                      for label, row in PAPER_RESULTS]
+        lines.append("")
     if cols:
         lines += ["All metrics (x100; CLIP-S on Hessel et al.'s 0-2.5 scale, x100):", "",
                   "| model | " + " | ".join(c[0] for c in cols) + " |",
@@ -568,16 +594,12 @@ def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, name
 # ------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------
-def _generate(cfg: EvaluateConfig, refs: References, keys: list[str]) -> tuple[Predictions, dict[str, Any]]:
-    """--model mode: caption the evaluation images (or their stored CLIP embeddings)."""
+def _generate(cfg: EvaluateConfig, cap: Any, refs: References, keys: list[str], kwargs: dict[str, Any]
+              ) -> Predictions:
+    """--model mode on a references-style dataset: caption its images (or its stored CLIP embeddings)."""
     from tqdm.auto import tqdm
 
-    from prefixcap.caption import Captioner
-
-    cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
-    kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, **cfg.generation)
     preds = Predictions({})
-    source = None
     with tqdm(total=len(keys), desc="captioning", unit="img") as bar:
         if refs.embeddings is not None:
             source = "embeddings"
@@ -600,23 +622,97 @@ def _generate(cfg: EvaluateConfig, refs: References, keys: list[str]) -> tuple[P
             todo = [k for k in keys if k in paths]
             for start in range(0, len(todo), cfg.batch_size):
                 chunk = todo[start:start + cfg.batch_size]
-                try:
-                    texts = cap.caption([paths[k] for k in chunk], batch_size=cfg.batch_size, **kwargs)
-                except ValueError:
-                    texts = []
-                    for k in chunk:  # one unreadable image must not lose the whole batch
-                        try:
-                            texts += cap.caption([paths[k]], **kwargs)
-                        except ValueError as err:
-                            texts.append("")
-                            preds.errors[k] = str(err)
-                preds.captions.update(zip(chunk, texts))
+                _caption_batch(cap, [paths[k] for k in chunk], chunk, preds, kwargs)
                 bar.update(len(chunk))
             preds.captions = {k: preds.captions[k] for k in keys}  # dataset order
-    info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model, "language_model": cap.config.language_model,
-            "decoding": {k: v for k, v in kwargs.items()}, "caption_input": source}
-    cap.close()
-    return preds, info
+    preds.source = source
+    return preds
+
+
+def _caption_batch(cap: Any, items: list[Any], keys: list[str], preds: Predictions, kwargs: dict[str, Any]) -> None:
+    """Caption one batch; if one image is unreadable, caption the others one by one and record it."""
+    try:
+        preds.captions.update(zip(keys, cap.caption(items, batch_size=len(items), **kwargs)))
+        return
+    except ValueError:
+        pass
+    for key, item in zip(keys, items):
+        try:
+            preds.captions[key] = cap.caption([item], **kwargs)[0]
+        except ValueError as err:
+            preds.captions[key], preds.errors[key] = "", str(err)
+
+
+def _generate_from_reader(cfg: EvaluateConfig, cap: Any, encoder: Any, kwargs: dict[str, Any]
+                          ) -> tuple[Predictions, References]:
+    """--model with --input_format: read the evaluation set with the preprocess stage's readers.
+
+    Captions and (for CLIPScore) CLIP image embeddings are computed batch by batch while reading,
+    so no image is held in memory longer than its batch.
+    """
+    from tqdm.auto import tqdm
+
+    from prefixcap.data.decode import decode_caption
+    from prefixcap.data.readers import InputError, ReaderConfig, make_reader
+
+    try:
+        reader = make_reader(ReaderConfig(
+            inputs=[cfg.dataset], input_format=cfg.input_format, wds_image_key=cfg.wds_image_key,
+            wds_caption_key=cfg.wds_caption_key, wds_caption_in_metadata=cfg.wds_caption_in_metadata,
+            image_column=cfg.image_column, caption_column=cfg.caption_column, key_column=cfg.key_column,
+            image_root=cfg.images, coco_split=cfg.split if cfg.input_format == "coco" else None))
+    except InputError as err:
+        raise EvaluationError(str(err)) from err
+    refs = References({}, f"reader:{cfg.input_format}", embeddings={} if encoder is not None else None,
+                      embedding_model=getattr(getattr(encoder, "spec", None), "requested", None))
+    preds = Predictions({})
+    batch: list[tuple[str, Any]] = []
+
+    def flush() -> None:
+        images = [(k, x) for k, x in batch if not isinstance(x, np.ndarray)]
+        embs = [(k, x) for k, x in batch if isinstance(x, np.ndarray)]
+        if images:
+            _caption_batch(cap, [x for _, x in images], [k for k, _ in images], preds, kwargs)
+            if encoder is not None:
+                ok_items = [(k, x) for k, x in images if k not in preds.errors]
+                feats, ok = M.encode_images(encoder, [x for _, x in ok_items])  # (b, C)
+                for (k, _), f, good in zip(ok_items, feats.numpy(), ok):
+                    if good:
+                        refs.embeddings[k] = f
+        if embs:
+            texts = cap.caption_embeddings(np.stack([x for _, x in embs]), batch_size=len(embs), **kwargs)
+            preds.captions.update(zip([k for k, _ in embs], texts))
+        bar.update(len(batch))
+        batch.clear()
+
+    with tqdm(desc="captioning", unit="img", total=cfg.limit) as bar:
+        for unit in range(len(reader.units())):
+            for record in reader.records(unit):
+                captions = [t for t, _ in map(decode_caption, record.captions) if t]
+                if record.key in refs.captions:  # a later row of an image already read: one more reference
+                    refs.captions[record.key].extend(captions)
+                    continue
+                if cfg.limit and len(refs.captions) >= cfg.limit:
+                    break
+                refs.captions[record.key] = captions
+                if record.embedding is not None:
+                    batch.append((record.key, np.asarray(record.embedding, dtype=np.float32)))
+                elif record.image is None or record.reason:
+                    preds.captions[record.key] = ""
+                    preds.errors[record.key] = f"no image ({record.reason or 'missing_image'})"
+                    bar.update(1)
+                else:
+                    batch.append((record.key, record.image))
+                if len(batch) >= cfg.batch_size:
+                    flush()
+            if cfg.limit and len(refs.captions) >= cfg.limit:
+                break
+        if batch:
+            flush()
+    preds.captions = {k: preds.captions[k] for k in refs.captions}  # reader order
+    if refs.embeddings is not None and not refs.embeddings:
+        refs.embeddings = None
+    return preds, refs
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -631,14 +727,37 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         raise EvaluationError("--model needs --dataset (the evaluation set with its reference captions)")
     if cfg.limit is not None and cfg.limit < 1:
         raise EvaluationError(f"--limit must be >= 1, got {cfg.limit}")
+    if cfg.input_format and not cfg.model:
+        raise EvaluationError("--input_format reads a --dataset for --model; with --predictions give "
+                              "--references instead")
+    if cfg.device is None:
+        import torch
+
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.time()
-    refs = load_references(cfg.dataset or cfg.references, cfg.split)
+    use_reader = bool(cfg.model and cfg.input_format)
+    refs = None if use_reader else load_references(cfg.dataset or cfg.references, cfg.split)
+    preds = load_predictions(cfg.predictions) if cfg.predictions else None
+    kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, **cfg.generation)
+    if cfg.model:
+        from prefixcap.caption import GenerationSettings
+
+        try:
+            GenerationSettings.split_kwargs(None, kwargs)
+        except ValueError as err:
+            raise EvaluationError(f"decoding flags: {err}") from err
     notices: list[str] = []
 
     # Load CLIPScore's CLIP before any long work, so a bad --clip_model fails at once.
     encoder = None
-    want_clip = "clipscore" in cfg.metrics and bool(cfg.images or refs.embeddings is not None)
+    # Stored embeddings serve CLIPScore only when they come from the CLIPScore model itself.
+    embeddings_match = bool(refs is not None and refs.embeddings is not None and refs.embedding_model
+                            and _resolved(refs.embedding_model) == _resolved(cfg.clip_model))
+    want_clip = "clipscore" in cfg.metrics and bool(use_reader or cfg.images or embeddings_match)
     if want_clip:
+        if _looks_like_path(cfg.clip_model) and not os.path.exists(cfg.clip_model):
+            raise EvaluationError(f"--clip_model {cfg.clip_model}: no such folder (give a local CLIP folder, an "
+                                  "OpenAI name such as ViT-B/32, or leave CLIPScore out with --no_clipscore)")
         try:
             encoder = _load_clip(cfg.clip_model, cfg.device)
         except (ValueError, OSError) as err:
@@ -647,10 +766,23 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     generation_info: dict[str, Any] = {}
     if cfg.model:
-        keys = list(refs.captions)[: cfg.limit] if cfg.limit else list(refs.captions)
-        preds, generation_info = _generate(cfg, refs, keys)
+        from prefixcap.caption import Captioner
+
+        try:
+            cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
+        except (OSError, ValueError) as err:
+            raise EvaluationError(f"cannot load the model {cfg.model}: {err}") from err
+        if use_reader:
+            preds, refs = _generate_from_reader(cfg, cap, encoder, kwargs)
+            preds.source = "reader"
+        else:
+            keys = list(refs.captions)[: cfg.limit] if cfg.limit else list(refs.captions)
+            preds = _generate(cfg, cap, refs, keys, kwargs)
+        generation_info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model,
+                           "language_model": cap.config.language_model, "decoding": kwargs,
+                           "caption_input": preds.source, "input_format": cfg.input_format}
+        cap.close()
     else:
-        preds = load_predictions(cfg.predictions)
         if cfg.limit:
             preds.captions = dict(list(preds.captions.items())[: cfg.limit])
         # Predictions may name images by file name where the references use ids (or the reverse).
@@ -666,7 +798,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if preds.duplicates:
         if cfg.strict:
             raise EvaluationError(f"{len(preds.duplicates)} image(s) have more than one prediction: "
-                                  f"{_listed(preds.duplicates)}")
+                                  f"{_listed(preds.duplicates)} (run without --strict to score the first one)")
         notices.append(f"{len(preds.duplicates)} duplicate prediction(s) ignored (the first one per image is "
                        f"scored): {_listed(preds.duplicates)}")
 
@@ -693,6 +825,8 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if clip_skipped:
         result["metrics"]["CLIPScore"] = result["metrics"]["RefCLIPScore"] = None
         notices.append(clip_skipped)
+    if preds.source == "reader" and result["settings"]["clip"].get("used"):
+        result["settings"]["clip"]["image_source"] = f"images read with --input_format {cfg.input_format}"
     result["notices"] = notices + result["notices"]
     result["counts"]["duplicate_predictions"] = len(preds.duplicates)
     name = cfg.name or Path(cfg.model or cfg.predictions).name
@@ -713,6 +847,11 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     paths = write_outputs(result, cfg.output_dir, name)
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     return result
+
+
+def _looks_like_path(name: str) -> bool:
+    # Hub ids are "org/name"; anything absolute, relative-dotted or deeper is meant as a folder.
+    return os.path.isabs(name) or name.startswith(".") or name.count("/") > 1
 
 
 def _same_clip(name: str | None, encoder: Any) -> bool:
@@ -747,6 +886,19 @@ def _dist_version(dist: str) -> str | None:
         return None
 
 
+# Decoding flags passed through to Captioner (GenerationSettings) only when given.
+GENERATION_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty")
+
+
+def _bool(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in {"1", "true", "yes", "y", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "n", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prefixcap evaluate",
@@ -763,6 +915,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--images", help="image folder (the COCO root for Karpathy files): CLIPScore, and --model "
                                       "on a json dataset")
     src.add_argument("--limit", type=int, help="evaluate only the first N images")
+    r = p.add_argument_group("--model on any input the preprocess stage reads (same flags as preprocess)")
+    r.add_argument("--input_format", help="read --dataset with the preprocess readers: webdataset, files, parquet, "
+                                          "csv, jsonl, coco or embeddings (several captions per image are grouped)")
+    r.add_argument("--wds_image_key", default="jpg")
+    r.add_argument("--wds_caption_key", default="txt")
+    r.add_argument("--wds_caption_in_metadata", type=_bool, nargs="?", const=True, default=False,
+                   help="captions are a field (--wds_caption_key) of each sample's json")
+    r.add_argument("--image_column", default="image_path")
+    r.add_argument("--caption_column", default="caption")
+    r.add_argument("--key_column", default=None)
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics", default=",".join(ALL_METRICS),
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
@@ -777,9 +939,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--strict", action="store_true", help="stop at the first bad input instead of counting it")
     g = p.add_argument_group("decoding (--model)")
     g.add_argument("--num_beams", type=int, default=1)
-    g.add_argument("--max_new_tokens", type=int, default=None)
+    g.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: the longest caption the model saw in training")
+    g.add_argument("--do_sample", action="store_true")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top_k", type=int, default=None)
+    g.add_argument("--top_p", type=float, default=None)
+    g.add_argument("--repetition_penalty", type=float, default=None)
+    g.add_argument("--length_penalty", type=float, default=None)
     g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", default="evaluation", help="where metrics.json, metrics.md and "
                                                                "predictions.jsonl go (default: ./evaluation)")
@@ -799,7 +968,11 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         split=args.split, images=args.images, output_dir=args.output_dir, name=args.name, limit=args.limit,
         metrics=wanted, clip_model=args.clip_model, strict=args.strict, tokenizer=args.tokenizer,
         spice_timeout_s=args.spice_timeout_s, device=args.device, batch_size=args.batch_size,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, input_format=args.input_format,
+        wds_image_key=args.wds_image_key, wds_caption_key=args.wds_caption_key,
+        wds_caption_in_metadata=args.wds_caption_in_metadata, image_column=args.image_column,
+        caption_column=args.caption_column, key_column=args.key_column,
+        generation={k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) not in (None, False)},
     )
 
 
@@ -808,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         result = run(cfg)
-    except (EvaluationError, M.MetricError) as err:
+    except (EvaluationError, M.MetricError, OSError) as err:  # OSError names the file it could not read
         print(f"prefixcap evaluate: error: {err}", file=sys.stderr)
         return 2
     print(markdown_report(result, result["settings"]["name"]))

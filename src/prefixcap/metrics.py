@@ -176,7 +176,8 @@ def spice_status() -> tuple[bool, str]:
     return True, ""
 
 
-def _run_spice(tok_preds: dict[str, str], tok_refs: dict[str, list[str]], timeout_s: float) -> tuple[float, dict[str, float]]:
+def _run_spice(tok_preds: dict[str, str], tok_refs: dict[str, list[str]], timeout_s: float
+               ) -> tuple[float, dict[str, float]]:
     """SPICE through pycocoevalcap's jar; no LMDB cache (it breaks on Java >= 9) and a time limit."""
     from pycocoevalcap.spice import spice as spice_module
 
@@ -326,8 +327,6 @@ class ClipScores:
 
 
 def _l2(x):
-    import torch
-
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -351,7 +350,7 @@ def encode_texts(encoder: Any, texts: Sequence[str], prefix: str = CLIPSCORE_PRE
 def encode_images(encoder: Any, images: Sequence[Any], batch_size: int = 32, progress: bool = False):
     """(N, C) L2-normalised CLIP image embeddings and an (N,) bool mask of images that could be read.
 
-    images: file paths or PIL images. An unreadable file gives a zero row and False in the mask.
+    images: file paths, encoded bytes or PIL images. An unreadable one gives a zero row and False in the mask.
     """
     import torch
     from PIL import Image
@@ -368,13 +367,15 @@ def encode_images(encoder: Any, images: Sequence[Any], batch_size: int = 32, pro
             for i in range(start, min(start + batch_size, len(images))):
                 try:
                     img = images[i]
+                    if isinstance(img, (bytes, bytearray)):
+                        img = io.BytesIO(img)
                     if not isinstance(img, Image.Image):
                         with Image.open(img) as opened:
                             opened.load()
                             img = to_rgb(opened)
                     pixels.append(preprocess(to_rgb(img)))  # (3, H, W)
                     rows.append(i)
-                except (OSError, ValueError, SyntaxError):
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
                     pass  # counted through the mask
             if rows:
                 batch = torch.from_numpy(np.stack(pixels))  # (b, 3, H, W)

@@ -218,6 +218,7 @@ class FilesReader(_ChunkedReader):
 
 def _read_table_columns(path: Path, fmt: str, columns: list[str]) -> dict[str, list[Any]]:
     """Read only the named columns of a parquet/csv/jsonl table; a missing column fails at once."""
+    columns = list(dict.fromkeys(columns))  # a column named twice (e.g. caption = key) is read once
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -399,7 +400,7 @@ class EmbeddingsReader:
         cfg = self.cfg
         names = pq.ParquetFile(meta_path).schema_arrow.names
         key_col = cfg.key_column or next((c for c in ("key", "image_path", "url") if c in names), None)
-        table = pq.read_table(meta_path, columns=[cfg.caption_column] + ([key_col] if key_col else []))
+        table = pq.read_table(meta_path, columns=list(dict.fromkeys([cfg.caption_column] + ([key_col] if key_col else []))))
         captions = table.column(cfg.caption_column).to_pylist()
         keys = table.column(key_col).to_pylist() if key_col else [f"{meta_path.stem}/{i}" for i in range(len(captions))]
         for row, (key, caption) in enumerate(zip(keys, captions)):

@@ -574,13 +574,15 @@ class Runner:
                 free_slots.put(job.slot)
             current.records += job.records
             for item in items:
-                current.converted.update(item.conversions)
-                current.num_truncated += item.num_truncated
-                if item.caption_skips and item.reason is None:
-                    current.skipped["empty_caption"] += item.caption_skips
                 if item.reason is not None:
                     current.skipped[item.reason] += 1
                     self._log_skip(current, item.key, item.reason)
+                    continue
+                # conversions, truncations and dropped captions count only for what is stored
+                current.converted.update(item.conversions)
+                current.num_truncated += item.num_truncated
+                if item.caption_skips:
+                    current.skipped["empty_caption"] += item.caption_skips
             for row, i in enumerate(ok):
                 item = items[i]
                 image_row = len(current.keys)

@@ -1,0 +1,219 @@
+"""Run every benchmark (each in its own process), then write docs/benchmarks.md and its plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.common import REPO, RESULTS, load_average
+
+BENCHES = {  # name -> (module, result file)
+    "preprocess": ("bench.bench_preprocess", "preprocess.json"),
+    "train": ("bench.bench_train", "train.json"),
+    "generate": ("bench.bench_generate", "generate.json"),
+    "memory": ("bench.bench_memory", "memory.json"),
+}
+DOC = REPO / "docs" / "benchmarks.md"
+PLOT = REPO / "docs" / "benchmarks_generate_batch.png"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / BENCHES[name][1]
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if isinstance(x, (int, float)):
+        return f"{x:,.{digits}f}"
+    return str(x)
+
+
+def _verdict(value, target: float, higher_is_better: bool = True) -> str:
+    if not isinstance(value, (int, float)):
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "met" if ok else "**missed**"
+
+
+def table_rows() -> list[tuple[str, str, str, str, str]]:
+    """(what, prefixcap, reference/baseline, ratio, target + verdict) for every measured figure."""
+    rows = []
+    pre = _load("preprocess")
+    if pre:
+        f = pre["figures"]
+        rows.append(("Preprocess: images/s, end-to-end from 640x480 JPEG shards vs the encoder alone",
+                     _fmt(f["end_to_end_images_per_s"]), _fmt(f["encoder_images_per_s"]),
+                     _fmt(f["end_to_end_over_encoder"], 3),
+                     f"≥ 0.9: {_verdict(f['end_to_end_over_encoder'], 0.9)} (CPU-sharing bound "
+                     f"{_fmt(f['cpu_sharing_bound'], 3)})"))
+        rows.append(("Preprocess: images encoded for 5 captions/image (fewer is better)",
+                     str(f["prefixcap_images_encoded"]), str(f["reference_encoder_calls_same_captions"]),
+                     _fmt(f["images_encoded_ratio"], 2) + "× fewer",
+                     f"5× fewer: {_verdict(f['images_encoded_ratio'], 4.999)}"))
+        rows.append(("Preprocess: encoder forward passes (batches) for the same captions",
+                     str(f["prefixcap_encoder_calls"]), str(f["reference_encoder_calls_same_captions"]),
+                     _fmt(f["forward_passes_ratio"], 1) + "× fewer", "-"))
+        rows.append(("Preprocess: captions/s vs per-caption batch-1 encoding (original parse_coco)",
+                     _fmt(f["end_to_end_captions_per_s"]), _fmt(f["reference_captions_per_s"]),
+                     _fmt(f["captions_per_s_speedup_vs_reference"]) + "×", "-"))
+    tr = _load("train")
+    if tr:
+        f = tr["figures"]
+        for name, label, target in (("frozen", "frozen GPT-2 small", 3.0), ("finetune", "fine-tuned GPT-2 small", None)):
+            if f"{name}_speedup" not in f:
+                continue
+            rows.append((f"Train: samples/s, {label} (reference pads to {f[f'{name}_reference_pad_len']} tokens; "
+                         f"prefixcap's mean batch length {f[f'{name}_prefixcap_mean_batch_len']})",
+                         _fmt(f[f"{name}_prefixcap_samples_per_s"]), _fmt(f[f"{name}_reference_samples_per_s"]),
+                         _fmt(f[f"{name}_speedup"]) + "×",
+                         f"≥ 3×: {_verdict(f[f'{name}_speedup'], target)}" if target else "-"))
+    ge = _load("generate")
+    if ge:
+        f = ge["figures"]
+        b = ge["settings"]["batch_size"]
+        rows.append((f"Generate: captions/s, greedy, batch {b} vs generate2 (67 tokens; identical outputs: "
+                     f"{f['greedy_identical_count']})",
+                     _fmt(f["greedy_captions_per_s"], 3), _fmt(f["greedy_ref_captions_per_s"], 3),
+                     _fmt(f["greedy_speedup"], 1) + "×", f"≥ 20×: {_verdict(f['greedy_speedup'], 20)}"))
+        rows.append((f"Generate: captions/s, beam 5, batch {b} vs generate_beam (67 tokens)",
+                     _fmt(f["beam5_captions_per_s"], 3), _fmt(f["beam5_ref_captions_per_s"], 3),
+                     _fmt(f["beam5_speedup"], 1) + "×", f"≥ 15×: {_verdict(f['beam5_speedup'], 15)}"))
+        rows.append((f"Generate: greedy, both capped at 20 tokens (≈ a COCO caption)",
+                     _fmt(f["greedy20_captions_per_s"], 3), _fmt(f["greedy20_ref_captions_per_s"], 3),
+                     _fmt(f["greedy20_speedup"], 1) + "×", "-"))
+        rows.append((f"Generate: beam 5, both capped at 20 tokens",
+                     _fmt(f["beam5_20_captions_per_s"], 3), _fmt(f["beam5_20_ref_captions_per_s"], 3),
+                     _fmt(f["beam5_20_speedup"], 1) + "×", "-"))
+    me = _load("memory")
+    if me:
+        f = me["figures"]
+        for label, what in (("gpt2_small", "GPT-2 small frozen"), ("tiny_lm", "tiny LM, same tokenizer")):
+            if f"{label}_main_ratio" not in f:
+                continue
+            rows.append((f"Memory: peak RSS of training, 1M vs 10k captions ({what}; training process)",
+                         _fmt(f[f"{label}_1M"]["main_peak_mb"], 0) + " MB",
+                         _fmt(f[f"{label}_10k"]["main_peak_mb"], 0) + " MB",
+                         _fmt(f[f"{label}_main_ratio"], 3) + "×",
+                         f"≤ 1.25×: {_verdict(f[f'{label}_main_ratio'], 1.25, higher_is_better=False)}"))
+            rows.append((f"Memory: same, whole process tree incl. loader workers ({what})",
+                         _fmt(f[f"{label}_1M"]["tree_peak_mb"], 0) + " MB",
+                         _fmt(f[f"{label}_10k"]["tree_peak_mb"], 0) + " MB",
+                         _fmt(f[f"{label}_tree_ratio"], 3) + "×",
+                         f"≤ 1.25×: {_verdict(f[f'{label}_tree_ratio'], 1.25, higher_is_better=False)}"))
+    return rows
+
+
+def plot() -> Path | None:
+    ge = _load("generate")
+    if not ge or not ge["figures"].get("curve_greedy_20_tokens"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = ge["figures"]["curve_greedy_20_tokens"]
+    xs = [c["batch_size"] for c in curve]
+    ys = [c["captions_per_s"] for c in curve]
+    ref = ge["figures"]["greedy20_ref_captions_per_s"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, "o-", label="prefixcap Captioner (greedy, KV cache)")
+    ax.axhline(ref, color="tab:red", ls="--", label="original generate2 (batch 1, no cache)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("captions / s (20 tokens)")
+    ax.set_title(f"GPT-2 small, CPU ({ge['machine']['cpu_count']} cores, shared)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
+def machine_lines() -> list[str]:
+    lines = []
+    for name in BENCHES:
+        r = _load(name)
+        if not r:
+            lines.append(f"- `{name}`: not run")
+            continue
+        m = r["machine"]
+        lines.append(f"- `{name}` ({r['settings'].get('mode')}, {r['time']}): {m['cpu']}, {m['cpu_count']} cores, "
+                     f"torch {m['versions']['torch']}, transformers {m['versions']['transformers']}, GPU "
+                     f"{m['gpu'] or 'none'}; load average at start {m['load_average_start']}, at end "
+                     f"{m.get('load_average_end')}")
+    return lines
+
+
+def write_doc() -> Path:
+    rows = table_rows()
+    png = plot()
+    out = ["# Benchmarks", "",
+           "prefixcap against faithful re-implementations of the original ClipCap loops "
+           "(`bench/reference.py`), measured side by side in one run. Models are full-size architectures with "
+           "random weights (their speed does not depend on the weight values): CLIP ViT-B/32 (vision tower: "
+           "224 px, patch 32, width 768, 12 layers, projection 512) and GPT-2 small (12 layers, width 768, "
+           "LM head 50,257 wide). Every figure is a ratio of two things measured in the same run.", "",
+           "Reproduce: `python -m bench.run_all --quick` (a few minutes per script on 2 CPU cores) or without "
+           "`--quick` for longer runs; each script alone: `python -m bench.bench_<name> [--quick]`. Results: "
+           "`bench/results/*.json`; this page is regenerated from them (`python -m bench.run_all --doc_only`).", "",
+           "| what | prefixcap | reference | ratio | target |", "|---|---|---|---|---|"]
+    out += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
+    out += ["", "## Machines and load", "",
+            "The CPU figures come from a 2-core machine shared with other jobs; its load average is recorded "
+            "with each run. Both sides of a ratio run in the same process, one after the other, so a change "
+            "of load between them moves the ratio; rerun on an idle machine for cleaner figures.", ""]
+    out += machine_lines()
+    out += ["", "## GPU figures", "",
+            "Not measured: this task had no GPU machine. No GPU number here is estimated or extrapolated. On a "
+            "GPU, run `python -m bench.run_all` there and record images/s (preprocess), samples/s and tokens/s "
+            "with mixed precision (train) and captions/s (generate), naming the GPU."]
+    if png:
+        out += ["", "## Captions/s vs batch size", "", f"![captions/s vs batch size]({png.name})", "",
+                "Greedy decoding, 20 new tokens per caption, same weights; the dashed line is the original "
+                "per-image loop."]
+    notes = []
+    for name in BENCHES:
+        r = _load(name)
+        if r:
+            notes += [f"- {name}: {n}" for n in r.get("notes", [])]
+    if notes:
+        out += ["", "## Notes", ""] + notes
+    analysis = REPO / "bench" / "ANALYSIS.md"
+    if analysis.is_file():
+        out += ["", analysis.read_text().strip()]
+    DOC.write_text("\n".join(out) + "\n")
+    print(f"wrote {DOC.relative_to(REPO)}" + (f" and {png.relative_to(REPO)}" if png else ""))
+    return DOC
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="*", choices=list(BENCHES), help="run only these benchmarks")
+    p.add_argument("--doc_only", action="store_true", help="only rebuild docs/benchmarks.md from the JSON files")
+    args = p.parse_args(argv)
+    failed = []
+    if not args.doc_only:
+        for name in args.only or list(BENCHES):
+            module = BENCHES[name][0]
+            print(f"\n### {name} (load {load_average()})", flush=True)
+            start = time.perf_counter()
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{REPO}:{REPO / 'src'}"}
+            code = subprocess.call([sys.executable, "-m", module, *(["--quick"] if args.quick else [])],
+                                   cwd=str(REPO), env=env)
+            print(f"### {name}: exit {code} after {time.perf_counter() - start:.0f}s")
+            if code:
+                failed.append(name)
+    write_doc()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

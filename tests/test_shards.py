@@ -1,0 +1,75 @@
+"""Shard writing, completion rule, manifest assembly and the settings check used by the preprocess runner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from prefixcap.data.runner import (
+    SettingsMismatchError, _rank_marker, _unit_progress, check_settings, parse_shard_name, shard_name,
+    try_write_manifest,
+)
+from prefixcap.data.shards import SHARD_DIR, ShardContent, atomic_write_json, completed_shards, load_preprocessed, write_shard
+
+
+def _content(n_images: int, seed: int, dim: int = 4) -> ShardContent:
+    rng = np.random.default_rng(seed)
+    rows = [i for i in range(n_images) for _ in range(2)]  # two captions per image
+    return ShardContent(
+        keys=[f"k{seed}-{i}" for i in range(n_images)],
+        embeddings=rng.normal(size=(n_images, dim)).astype(np.float32),
+        image_rows=rows,
+        captions=[f"caption {seed} {r} {j}" for j, r in enumerate(rows)],
+        tokens=[[seed, r, j, 0] for j, r in enumerate(rows)],
+    )
+
+
+def test_shard_names_sort_in_input_order():
+    names = [shard_name(u, p) for u in (0, 2, 10) for p in (0, 1, 12)]
+    assert sorted(names) == names
+    assert parse_shard_name(shard_name(12, 3)) == (12, 3)
+    assert parse_shard_name("r000-000001") is None
+
+
+def test_manifest_covers_complete_shards_only(tmp_path):
+    header = {"embedding_dim": 4, "clip_model": "x", "input_format": "files"}
+    write_shard(tmp_path, shard_name(0, 0), _content(2, 0), {"records": 3, "last": True, "skipped": {"corrupt": 1}})
+    write_shard(tmp_path, shard_name(1, 0), _content(3, 1), {"records": 3, "last": False, "num_truncated": 2})
+    write_shard(tmp_path, shard_name(1, 1), _content(0, 2), {"records": 0, "last": True})  # empty last part
+    # A half-written shard: Arrow files without the stats json is not complete.
+    write_shard(tmp_path, shard_name(2, 0), _content(1, 3), {"records": 1, "last": True})
+    (tmp_path / SHARD_DIR / f"{shard_name(2, 0)}.json").unlink()
+    assert list(completed_shards(tmp_path)) == [shard_name(0, 0), shard_name(1, 0), shard_name(1, 1)]
+
+    assert try_write_manifest(tmp_path, 2, header) is None  # no rank has finished yet
+    atomic_write_json(_rank_marker(tmp_path, 0, 2), {})
+    assert try_write_manifest(tmp_path, 2, header) is None
+    atomic_write_json(_rank_marker(tmp_path, 1, 2), {})
+    manifest = try_write_manifest(tmp_path, 2, header)
+    assert manifest == json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["num_images"] == 5 and manifest["num_captions"] == 10
+    assert manifest["skipped"] == {"corrupt": 1} and manifest["num_skipped"] == 1 and manifest["num_truncated"] == 2
+    assert [s["name"] for s in manifest["shards"]] == [shard_name(0, 0), shard_name(1, 0)]  # empty one left out
+
+    ds = load_preprocessed(tmp_path)
+    assert len(ds) == 10 and ds.num_images == 5
+    first = _content(2, 0)
+    assert ds[1].key == "k0-0" and ds[1].caption == first.captions[1] and ds[1].tokens.tolist() == first.tokens[1]
+    np.testing.assert_array_equal(ds[4].embedding, _content(3, 1).embeddings[0].astype(np.float16).astype(np.float32))
+    assert ds.references()[0] == first.captions[:2]
+
+
+def test_unit_progress_counts_contiguous_parts():
+    done = {shard_name(0, 0): {"records": 5}, shard_name(0, 1): {"records": 2, "last": True},
+            shard_name(3, 0): {"records": 5}, shard_name(3, 2): {"records": 5}}
+    progress = _unit_progress(done)
+    assert [p["records"] for p in progress[0]] == [5, 2] and len(progress[3]) == 1
+
+
+def test_settings_rerun_with_other_settings_is_refused(tmp_path):
+    check_settings(tmp_path, {"clip_model": "a", "max_token_length": 8})
+    check_settings(tmp_path, {"clip_model": "a", "max_token_length": 8})  # same settings: resume
+    with pytest.raises(SettingsMismatchError, match=r"max_token_length: folder has 8, this run asks for 16"):
+        check_settings(tmp_path, {"clip_model": "a", "max_token_length": 16})

@@ -1,0 +1,13 @@
+#!/usr/bin/env python3
+"""The seed's training command: `python3 train.py [flags]` is `prefixcap train [flags]`."""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    try:
+        from prefixcap.train import main
+    except ImportError:  # run from a checkout that was not pip-installed
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+        from prefixcap.train import main
+    sys.exit(main())
