@@ -3,10 +3,10 @@
 Both sides start from the same CLIP embeddings and run the same mapper + GPT-2 small weights.
   greedy: Captioner.caption_embeddings(num_beams=1, batch 32)  vs  reference.greedy_generate2 per image
   beam 5: Captioner.caption_embeddings(num_beams=5, batch 32)  vs  reference.beam_generate per image
-The greedy token sequences must be identical. Both sides get the original's 67-token budget; with
-random weights no caption stops early, so every caption is 67 tokens -- a second pair of figures
-caps both sides at 20 tokens (about a real COCO caption) where the no-cache loop's quadratic cost
-hurts it less. Also a captions/s vs batch size curve (greedy).
+The greedy token sequences must be identical. Full mode gives both sides the original's 67-token
+budget; with random weights no caption stops early, so every caption is 67 tokens. A second pair
+of figures (and --quick's only pair) caps both sides at 20 tokens, about a real COCO caption,
+where the no-cache loop's quadratic cost hurts it less. Also captions/s vs batch size (greedy).
 """
 
 from __future__ import annotations
@@ -61,6 +61,20 @@ def time_captioner(captioner, embeddings, batch_size: int, **kw) -> tuple[float,
     return time.perf_counter() - start, tokens
 
 
+def short_pairs(captioner, model, emb, settings, short: int):
+    """Both sides capped at `short` tokens: (ref greedy s, ours greedy s, ref beam s, ours beam s)."""
+    from bench import reference
+
+    n_ref, n_ref_b, n_cap = settings["ref_greedy_images"], settings["ref_beam_images"], settings["captioner_images"]
+    b = settings["batch_size"]
+    print(f"greedy and beam 5, both capped at {short} tokens ...", flush=True)
+    t_ref_s, _ = time_reference(reference.greedy_generate2, model, emb[:n_ref], entry_length=short)
+    t_cap_s, _ = time_captioner(captioner, emb[:n_cap], b, max_new_tokens=short)
+    t_ref_bs, _ = time_reference(reference.beam_generate, model, emb[:n_ref_b], beam_size=5, entry_length=short)
+    t_cap_bs, _ = time_captioner(captioner, emb[:n_cap], b, max_new_tokens=short, num_beams=5)
+    return t_ref_s, t_cap_s, t_ref_bs, t_cap_bs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few images: a few minutes on 2 CPU cores")
@@ -80,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",
         "mapper": f"{args.mapping_type} K={args.prefix_length}", "dtype": "float32",
-        "batch_size": args.batch_size, "entry_length": reference.ENTRY_LENGTH,
-        "ref_greedy_images": 2 if q else 6, "ref_beam_images": 1 if q else 2,
-        "captioner_images": args.batch_size if q else 2 * args.batch_size,
-        "short_length": 20, "curve_batches": [1, 4, 16, 32] if q else [1, 2, 4, 8, 16, 32, 64],
+        "batch_size": args.batch_size, "entry_length": 20 if q else reference.ENTRY_LENGTH,
+        "ref_greedy_images": 1 if q else 4, "ref_beam_images": 1 if q else 2,
+        "captioner_images": args.batch_size,
+        "short_length": 20, "curve_batches": [1, 8, 32] if q else [1, 2, 4, 8, 16, 32, 64],
     }
     info = machine_info()
     print_header("bench_generate", settings, info)
@@ -99,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, float | int | bool | list] = {}
     print("greedy: reference (per image, no cache) ...", flush=True)
     n_ref = settings["ref_greedy_images"]
-    t_ref, ref_tokens = time_reference(reference.greedy_generate2, model, emb[:n_ref])
+    budget = settings["entry_length"]
+    t_ref, ref_tokens = time_reference(reference.greedy_generate2, model, emb[:n_ref], entry_length=budget)
     print("greedy: Captioner ...", flush=True)
-    t_cap, cap_tokens = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=67)
+    t_cap, cap_tokens = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=budget)
     eos = model.tokenizer.eos_token_id
     ref_trimmed = [t[:-1] if t and t[-1] == eos else t for t in ref_tokens]
     identical = [a == b for a, b in zip(ref_trimmed, cap_tokens[:n_ref])]
@@ -116,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print("beam 5: reference (original generate_beam per image) ...", flush=True)
     n_ref_b = settings["ref_beam_images"]
-    t_ref_b, ref_beams = time_reference(reference.beam_generate, model, emb[:n_ref_b], beam_size=5)
+    t_ref_b, ref_beams = time_reference(reference.beam_generate, model, emb[:n_ref_b], beam_size=5,
+                                        entry_length=budget)
     print("beam 5: Captioner ...", flush=True)
-    t_cap_b, cap_beams = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=67, num_beams=5)
+    t_cap_b, cap_beams = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=budget,
+                                        num_beams=5)
     same_best = sum(r[0][0][:-1] == c or r[0][0] == c for r, c in zip(ref_beams, cap_beams))
     figures.update(beam5_ref_captions_per_s=n_ref_b / t_ref_b, beam5_captions_per_s=n_cap / t_cap_b,
                    beam5_speedup=ratio(n_cap / t_cap_b, n_ref_b / t_ref_b),
@@ -127,22 +144,21 @@ def main(argv: list[str] | None = None) -> int:
           f"speed-up {figures['beam5_speedup']}x")
 
     short = settings["short_length"]
-    print(f"greedy, both capped at {short} tokens ...", flush=True)
-    t_ref_s, _ = time_reference(reference.greedy_generate2, model, emb[:n_ref], entry_length=short)
-    t_cap_s, _ = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=short)
+    if budget == short:  # quick mode: the main pair already is the short one
+        t_ref_s, t_cap_s, t_ref_bs, t_cap_bs = t_ref, t_cap, t_ref_b, t_cap_b
+    else:
+        t_ref_s, t_cap_s, t_ref_bs, t_cap_bs = short_pairs(captioner, model, emb, settings, short)
     figures.update(greedy20_ref_captions_per_s=n_ref / t_ref_s, greedy20_captions_per_s=n_cap / t_cap_s,
                    greedy20_speedup=ratio(n_cap / t_cap_s, n_ref / t_ref_s))
-    print(f"  speed-up at {short} tokens: {figures['greedy20_speedup']}x")
-    print(f"beam 5, both capped at {short} tokens ...", flush=True)
-    t_ref_bs, _ = time_reference(reference.beam_generate, model, emb[:n_ref_b], beam_size=5, entry_length=short)
-    t_cap_bs, _ = time_captioner(captioner, emb[:n_cap], args.batch_size, max_new_tokens=short, num_beams=5)
     figures.update(beam5_20_ref_captions_per_s=n_ref_b / t_ref_bs, beam5_20_captions_per_s=n_cap / t_cap_bs,
                    beam5_20_speedup=ratio(n_cap / t_cap_bs, n_ref_b / t_ref_bs))
-    print(f"  speed-up at {short} tokens: {figures['beam5_20_speedup']}x")
-
+    print(f"  speed-ups at {short} tokens: greedy {figures['greedy20_speedup']}x, beam 5 {figures['beam5_20_speedup']}x")
     curve = []
     for b in settings["curve_batches"]:
-        t, _ = time_captioner(captioner, emb[:b], b, max_new_tokens=short)
+        if b == n_cap == args.batch_size and budget == short:
+            t = t_cap  # already measured
+        else:
+            t, _ = time_captioner(captioner, emb[:b], b, max_new_tokens=short)
         curve.append({"batch_size": b, "captions_per_s": b / t,
                       "speedup_vs_reference": ratio(b / t, n_ref / t_ref_s)})
         print(f"  curve: batch {b:3d} -> {b / t:.2f} captions/s ({short} tokens)")

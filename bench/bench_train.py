@@ -125,7 +125,7 @@ def check_same_loss(data_dir: Path) -> dict:
     from prefixcap.model import CaptionConfig, CaptionModel
 
     model, dataset = build_reference(data_dir, only_prefix=True)
-    cfg = CaptionConfig(language_model=str(data_dir), mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)
+    cfg = CaptionConfig(language_model=CaptionDataset(data_dir).manifest["tokenizer"], mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)
     ours = CaptionModel(cfg, lm=model.lm, tokenizer=load_tokenizer(CaptionDataset(data_dir).manifest["tokenizer"]))
     ours.mapper = model.mapper
     ours.eval()
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     q = args.quick
     batch = args.batch_size or (16 if q else 40)
-    steps = args.steps or (3 if q else 8)
+    steps = args.steps or (2 if q else 8)
     warmup = 1 if q else 2
     num_captions = 2_000 if q else 20_000
     settings = {"mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",

@@ -183,12 +183,16 @@ def test_loss_goes_down_on_a_small_dataset(tmp_path, tiny_gpt2):
 
 def test_validation_loss_is_logged(gpt2_data, tmp_path, capsys):
     cfg = parse_config(seed_argv(gpt2_data, tmp_path, "mlp", True, epochs=2,
-                                 extra=("--val_fraction", "0.25", "--eval_every_steps", "3")))
+                                 extra=("--val_fraction", "0.25", "--eval_every_steps", "3",
+                                        "--eval_cider_images", "3")))
     result = train(cfg)
     steps = [v["step"] for v in result.val_losses]
     assert steps == sorted(set(steps)) and 3 in steps and result.global_step in steps
     assert all(np.isfinite(v["loss"]) for v in result.val_losses)
-    assert "validation loss" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation loss" in out
+    # CIDEr on a few validation images, or a notice saying why it is unavailable.
+    assert [c["step"] for c in result.cider] == steps or "CIDEr during training unavailable" in out
 
 
 def test_unknown_flag_is_an_error_but_hf_kwargs_are_accepted(gpt2_data, tmp_path, capsys):

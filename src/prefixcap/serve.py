@@ -612,6 +612,10 @@ def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
     """Serve `app` with uvicorn in a thread; yields the base URL (port 0 = a free port). For tests/demos."""
     import uvicorn
 
+    # Longer than uvicorn's 5 s: a client reusing a keep-alive connection at the very moment the
+    # server closes it gets "server disconnected", which tests would read as a server failure.
+    uvicorn_kwargs.setdefault("timeout_keep_alive", 30)
+
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs))
     thread = threading.Thread(target=server.run, name="prefixcap-serve", daemon=True)
     thread.start()

@@ -404,6 +404,13 @@ class _Trainer:
                                      gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                      gradient_clipping=cfg.max_grad_norm or None)
             plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        if cfg.log_with:
+            from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+            available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[cfg.log_with]()
+            if not available:
+                raise TrainConfigError(f"--log_with {cfg.log_with}: the {cfg.log_with} package is not installed "
+                                       f"(pip install {cfg.log_with})")
         out = Path(cfg.output_dir)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -592,7 +599,7 @@ class _Trainer:
             texts = captioner.caption_embeddings(np.stack([emb[k] for k in keys]))
             model.train(was_training)
             result = evaluate_predictions(dict(zip(keys, texts)), refs, metrics=["cider"], progress=False)
-            return float(result["metrics"]["cider"])
+            return float(result["metrics"]["CIDEr"])
         except Exception as err:  # noqa: BLE001 - an optional metric never stops training
             if not getattr(self, "_cider_notice", False):
                 self.accelerator.print(f"prefixcap train: notice: CIDEr during training unavailable ({err}); "
