@@ -8,7 +8,11 @@ from typing import Any
 import numpy as np
 
 from prefixcap.data.shards import MANIFEST, ShardContent, atomic_write_json, write_shard
-from prefixcap.language_models import load_tokenizer, tokenize_caption, tokenizer_fingerprint
+from prefixcap.language_models import (
+    load_tokenizer,
+    tokenize_caption,
+    tokenizer_fingerprint,
+)
 from prefixcap.tiny_models import default_corpus
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +154,7 @@ def test_beam_search_counts_scores_and_length(cap, max_new):
 
 def test_sampling_counts_length_and_seed(cap):
     emb = embeddings(2, seed=3)
-    kwargs = dict(do_sample=True, top_p=0.9, top_k=0, temperature=1.5, num_return_sequences=4, max_new_tokens=6)
+    kwargs = {"do_sample": True, "top_p": 0.9, "top_k": 0, "temperature": 1.5, "num_return_sequences": 4, "max_new_tokens": 6}
     torch.manual_seed(0)
     first = cap.caption_embeddings(emb, **kwargs)
     torch.manual_seed(0)
@@ -168,7 +167,7 @@ def test_sampling_counts_length_and_seed(cap):
     assert len(out.tokens) == 8 and all(len(t) <= 6 for t in out.tokens)
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2)])
+@pytest.mark.parametrize("settings", [{}, {"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2}])
 def test_batch_equals_one_by_one(cap, settings):
     images = random_images(5)
     batched = cap.caption(images, batch_size=4, max_new_tokens=8, **settings)

@@ -163,3 +163,9 @@ def test_parquet_table_without_caption_column(tmp_path, model_dir, cap):
     assert [r["key"] for r in rows] == ["a", "gone", "b"]
     assert "missing_image" in rows[1]["error"]
     assert [rows[0]["caption"], rows[2]["caption"]] == cap.caption([tmp_path / "a.png", tmp_path / "b.png"])
+
+
+def test_missing_model_is_a_clean_error(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(png_bytes(1))
+    assert main(["--model", str(tmp_path / "no_model"), str(tmp_path / "a.png"), "--no_progress"]) == 2
+    assert "no_model" in capsys.readouterr().err

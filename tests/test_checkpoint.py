@@ -9,13 +9,18 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from prefixcap import checkpoint as ckpt
-from prefixcap.checkpoint import TrainingState, checkpoint_path, has_checkpoint, load_checkpoint, save_checkpoint
+from prefixcap.checkpoint import (
+    TrainingState,
+    checkpoint_path,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 

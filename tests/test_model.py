@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prefixcap.language_models import load_language_model, load_tokenizer
 from prefixcap.mapping import MappingConfig, build_mapper

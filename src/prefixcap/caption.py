@@ -13,10 +13,11 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from prefixcap.model import CaptionConfig, CaptionModel
 logger = logging.getLogger(__name__)
 
 # What `caption` accepts for one image.
-ImageInput = Union[str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageInputError(ValueError):
@@ -54,7 +55,7 @@ class GenerationSettings:
     max_new_tokens: int | None = None
     num_return_sequences: int = 1
 
-    def validate(self) -> "GenerationSettings":
+    def validate(self) -> GenerationSettings:
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_return_sequences < 1:
@@ -78,8 +79,8 @@ class GenerationSettings:
         return self
 
     @classmethod
-    def split_kwargs(cls, base: "GenerationSettings | None", kwargs: dict[str, Any]
-                     ) -> tuple["GenerationSettings", dict[str, Any]]:
+    def split_kwargs(cls, base: GenerationSettings | None, kwargs: dict[str, Any]
+                     ) -> tuple[GenerationSettings, dict[str, Any]]:
         """Settings = base overridden by the kwargs naming its fields; the rest goes to `generate` verbatim."""
         names = {f.name for f in fields(cls)}
         values = asdict(base) if base is not None else {}
@@ -128,7 +129,7 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, clip_model: str | None = None,
-                        **hf_kwargs: Any) -> "Captioner":
+                        **hf_kwargs: Any) -> Captioner:
         """Load a prefixcap artifact (folder or Hub id); the CLIP encoder named in its config is
         loaded on first use (`clip_model` overrides the name, e.g. a local copy of it)."""
         model = CaptionModel.from_pretrained(path, device=device, dtype=dtype, **hf_kwargs)
@@ -187,7 +188,7 @@ class Captioner:
                 return self.preprocess(img)
             except ImageInputError as err:
                 raise ImageInputError(f"cannot read image {_describe(img, i)}: {err}") from err
-            except Exception as err:  # noqa: BLE001 - any decoder failure is reported with the input named
+            except Exception as err:
                 raise ImageInputError(f"cannot read image {_describe(img, i)}: {err}") from err
 
         return torch.from_numpy(np.stack(self._map(one, list(enumerate(images)))))  # (B, 3, H, W)
@@ -210,16 +211,16 @@ class Captioner:
                     logger.warning("max_new_tokens=%d does not fit the LM's %d positions after the %d-token "
                                    "prefix; using %d", max_new, ctx, k, ctx - k)
                 max_new = ctx - k
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new,
-            num_beams=settings.num_beams,
-            num_return_sequences=settings.num_return_sequences,
-            do_sample=settings.do_sample,
-            repetition_penalty=settings.repetition_penalty,
-            eos_token_id=self.eos_token_id,  # training appends exactly this token to every caption
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-        )
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new,
+            "num_beams": settings.num_beams,
+            "num_return_sequences": settings.num_return_sequences,
+            "do_sample": settings.do_sample,
+            "repetition_penalty": settings.repetition_penalty,
+            "eos_token_id": self.eos_token_id,  # training appends exactly this token to every caption
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
         if settings.num_beams > 1:

@@ -10,6 +10,7 @@ Every input item gives exactly one output line, in input order:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
@@ -415,25 +416,28 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the captioning bar
-    cap = Captioner.from_pretrained(args.model, device=device, dtype=DTYPES.get(args.dtype),
-                                    clip_model=args.clip_model)
-    if any(s.input_format not in ("preprocessed", "embeddings") for s in sources):
-        cap.encoder  # noqa: B018 - load CLIP now: a missing encoder fails the run, not every image
-    out = sys.stdout if args.output == "-" else None
     try:
-        if out is None:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            out = open(args.output, "w", encoding="utf-8")
-        summary = run(cap, all_items(sources, args), out, settings, batch_size=args.batch_size,
-                      return_scores=args.scores, num_workers=args.num_workers, total=total,
-                      show_progress=not args.no_progress)
+        cap = Captioner.from_pretrained(args.model, device=device, dtype=DTYPES.get(args.dtype),
+                                        clip_model=args.clip_model)
+        if any(s.input_format not in ("preprocessed", "embeddings") for s in sources):
+            cap.encoder  # noqa: B018 - load CLIP now: a missing encoder fails the run, not every image
+    except (OSError, ValueError) as err:  # missing folder, bad config, unloadable LM/CLIP: all named
+        print(f"prefixcap caption: cannot load --model {args.model!r}: {err}", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.output == "-":
+                out: TextIO = sys.stdout
+            else:
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(open(args.output, "w", encoding="utf-8"))
+            stack.callback(cap.close)
+            summary = run(cap, all_items(sources, args), out, settings, batch_size=args.batch_size,
+                          return_scores=args.scores, num_workers=args.num_workers, total=total,
+                          show_progress=not args.no_progress)
     except CaptionInputError as err:
         print(f"prefixcap caption: {err}", file=sys.stderr)
         return 2
-    finally:
-        if out is not None and out is not sys.stdout:
-            out.close()
-        cap.close()
     where = "stdout" if args.output == "-" else args.output
     print(f"prefixcap caption: {summary.captioned} captioned, {summary.errors} errors, "
           f"{summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) -> {where}", file=sys.stderr)

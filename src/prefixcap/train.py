@@ -236,7 +236,18 @@ def select_devices(gpu_devices: str | None) -> tuple[bool, int]:
             raise TrainConfigError(f'--gpu_devices {gpu_devices!r}: expected "0", "0,1,...", "-1" (all) or "cpu"')
         if not torch.cuda.is_initialized():
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-        return not torch.cuda.is_available(), len(ids)
+        if not torch.cuda.is_available():
+            return True, 0
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if _launched() and len(ids) < local_world:
+            raise TrainConfigError(f"--gpu_devices {gpu_devices!r} names {len(ids)} GPU(s) but the launcher "
+                                   f"started {local_world} processes on this node; name one GPU per process "
+                                   "or leave --gpu_devices out to keep the launcher's assignment")
+        found = torch.cuda.device_count()
+        if found < len(ids):
+            print(f"prefixcap train: notice: --gpu_devices {gpu_devices!r} names {len(ids)} GPUs but only "
+                  f"{found} exist; using {found}", file=sys.stderr)
+        return False, min(found, len(ids))
     return not torch.cuda.is_available(), max(torch.cuda.device_count(), 1)
 
 
@@ -251,8 +262,14 @@ def _relaunch(argv: list[str], nproc: int) -> int:
 # --- model configuration from the dataset's manifest ----------------------------------------
 def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int, max_caption_tokens: int):
     """Build (CaptionConfig, lm, tokenizer), refusing settings that contradict the dataset."""
-    from prefixcap.language_models import (LanguageModelError, detect_family, family_of_type,
-                                           load_language_model, load_tokenizer, tokenizer_fingerprint)
+    from prefixcap.language_models import (
+        LanguageModelError,
+        detect_family,
+        family_of_type,
+        load_language_model,
+        load_tokenizer,
+        tokenizer_fingerprint,
+    )
     from prefixcap.mapping import MappingConfig
     from prefixcap.model import CaptionConfig
 
@@ -367,9 +384,18 @@ class _Trainer:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
-        from prefixcap.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
-        from prefixcap.data.loader import (CaptionDataset, LengthGroupedBatchSampler, SequentialBatchSampler,
-                                           make_loader, split_by_image)
+        from prefixcap.checkpoint import (
+            checkpoint_path,
+            has_checkpoint,
+            load_checkpoint,
+        )
+        from prefixcap.data.loader import (
+            CaptionDataset,
+            LengthGroupedBatchSampler,
+            SequentialBatchSampler,
+            make_loader,
+            split_by_image,
+        )
 
         self.cfg = cfg
         if cfg.val_fraction and cfg.val_data_dir:
@@ -449,7 +475,7 @@ class _Trainer:
         # Resume point.
         self.run_config = {**{k: v for k, v in asdict(cfg).items() if k not in {"hf_kwargs", "resume"}},
                            "hf_kwargs": {k: v for k, v in cfg.hf_kwargs.items() if k != "token"},
-                           "num_processes": self.world, "num_train_captions": int(len(train_idx))}
+                           "num_processes": self.world, "num_train_captions": len(train_idx)}
         self.resume_from = None
         if cfg.resume:
             path = checkpoint_path(out, cfg.output_filename_prefix, "latest") if cfg.resume == "latest" \
@@ -661,7 +687,9 @@ class _Trainer:
                 boundary = i + 1 == group_start + group_size
                 acc.sync_gradients = boundary
                 emb, tokens, mask = self._to_device(batch)
-                ctx = contextlib.nullcontext() if boundary else acc.no_sync(self.model)
+                # DeepSpeed keeps partitioned gradients itself (no_sync is incompatible with ZeRO-2).
+                quiet = not boundary and not self.is_deepspeed
+                ctx = acc.no_sync(self.model) if quiet else contextlib.nullcontext()
                 with ctx:
                     loss = self.model(emb, tokens, mask)
                     # accelerate divides by gas; a short last group of the epoch is rescaled.
@@ -744,8 +772,9 @@ class _Trainer:
             f"precision {self.accelerator.mixed_precision}")
 
     def _report(self, r: TrainResult) -> None:
-        lines = [f"prefixcap train: done: {r.epochs_completed} epoch(s), {r.global_step} steps, "
-                 f"{r.samples_seen:,} samples; {r.train_seconds:.1f}s this run, {r.samples_per_second:,.1f} samples/s"]
+        lines = [(f"prefixcap train: done: {r.epochs_completed} epoch(s), {r.global_step} steps, "
+                  f"{r.samples_seen:,} samples; {r.train_seconds:.1f}s this run, "
+                  f"{r.samples_per_second:,.1f} samples/s")]
         if r.epoch_train_losses:
             lines.append("  train loss per epoch (this run): " + ", ".join(f"{x:.4f}" for x in r.epoch_train_losses))
         if r.val_losses:

@@ -9,10 +9,12 @@ epoch's permutation), never a Python object per sample.
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -194,12 +196,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.batch_size, self.seed = batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
         self.group_by_length, self.mega_batch_mult = group_by_length, mega_batch_mult
-        self.num_global_batches = -(-len(self.indices) // batch_size)
+        self.num_global_batches = math.ceil(len(self.indices) / batch_size)
         self.epoch, self.start = 0, 0
 
     def __len__(self) -> int:
         """Batches per rank per epoch."""
-        return -(-self.num_global_batches // self.num_replicas)
+        return math.ceil(self.num_global_batches / self.num_replicas)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -248,7 +250,7 @@ def split_by_image(data: PreprocessedDataset, val_fraction: float, seed: int) ->
         raise ValueError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     images = data.caption_image_indices()  # (N,)
     num_images = data.num_images
-    n_val = max(1, int(round(val_fraction * num_images)))
+    n_val = max(1, round(val_fraction * num_images))
     if n_val >= num_images:
         raise ValueError(f"--val_fraction {val_fraction} leaves no training images out of {num_images}")
     is_val = np.zeros(num_images, bool)
