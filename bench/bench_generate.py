@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from bench.common import machine_info, print_header, ratio, write_result
+from bench.common import THREADS_HELP, set_threads, machine_info, print_header, ratio, write_result
 
 
 def build_captioner(mapping_type: str, prefix_length: int):
@@ -81,17 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--mapping_type", default="mlp")
     p.add_argument("--prefix_length", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = p.parse_args(argv)
 
     import torch
 
     from bench import reference
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     q = args.quick
-    settings = {
+    settings = {"threads": args.threads, 
         "mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",
         "mapper": f"{args.mapping_type} K={args.prefix_length}", "dtype": "float32",
         "batch_size": args.batch_size, "entry_length": 20 if q else reference.ENTRY_LENGTH,

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import REPO, WORK, machine_info, print_header, ratio, write_result
+from bench.common import THREADS_HELP, set_threads, REPO, WORK, machine_info, print_header, ratio, write_result
 
 CHILD_CODE = """
 import json, resource, sys
@@ -98,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="few steps: a few minutes on 2 CPU cores")
     p.add_argument("--workers", type=int, default=2, help="prefixcap train --num_workers")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     q = args.quick
     steps = 3 if q else 20
     batch = 8 if q else 40
     small, large = 10_000, 1_000_000
-    settings = {"mode": "quick" if q else "full", "captions": [small, large], "captions_per_image": 5,
+    settings = {"threads": args.threads, "mode": "quick" if q else "full", "captions": [small, large], "captions_per_image": 5,
                 "steps": steps, "batch_size": batch, "num_workers": args.workers,
                 "lm": "GPT-2 small frozen (random weights); and a tiny LM with the same tokenizer"}
     info = machine_info()

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import WORK, machine_info, print_header, ratio, write_result
+from bench.common import THREADS_HELP, set_threads, WORK, machine_info, print_header, ratio, write_result
 
 
 def dataset_manifest(gpt2_dir: Path, clip_dir: Path) -> dict:
@@ -145,13 +145,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="timed steps per side (after warm-up)")
     p.add_argument("--num_workers", type=int, default=2, help="prefixcap loader worker processes")
     p.add_argument("--no_finetune", action="store_true", help="skip the fine-tuning pair")
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     args = p.parse_args(argv)
+    set_threads(args.threads)
     q = args.quick
     batch = args.batch_size or (16 if q else 40)
     steps = args.steps or (2 if q else 8)
     warmup = 1 if q else 2
     num_captions = 2_000 if q else 20_000
-    settings = {"mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",
+    settings = {"threads": args.threads, "mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",
                 "mapper": "mlp K=10", "dtype": "float32 (CPU)", "batch_size": batch, "timed_steps": steps,
                 "warmup_steps": warmup, "num_captions": num_captions, "prefixcap_num_workers": args.num_workers,
                 "prefixcap_group_by_length": True}

@@ -116,3 +116,17 @@ def write_result(name: str, settings: dict[str, Any], info: dict[str, Any], figu
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else float("nan")
+
+
+THREADS_HELP = ("torch threads for both sides of every ratio (default 1: on a shared, oversubscribed "
+                "machine OpenMP's spin-waiting makes 2 threads several times slower than 1; 0 = torch's default)")
+
+
+def set_threads(n: int) -> None:
+    """Same thread count for prefixcap and the reference (and for subprocesses via OMP_NUM_THREADS)."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        os.environ["MKL_NUM_THREADS"] = str(n)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import io
 import json
 import re
-import tarfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -61,7 +61,7 @@ SIZE_PHRASES: dict[str, tuple[str, ...]] = {"small": ("small", "tiny"), "big": (
 OPENERS = ("a", "one", "there is a", "a picture of a", "an image with a", "a photo of a")
 
 # Parsing vocabulary: word -> attribute value (plurals and spelling variants included).
-COLOUR_WORDS: dict[str, str] = {c: c for c in RGB} | {"gray": "grey", "grey": "grey", "violet": "purple"}
+COLOUR_WORDS: dict[str, str] = {c: c for c in COLOURS} | {c: c for c in RGB} | {"gray": "grey", "grey": "grey", "violet": "purple"}
 SHAPE_WORDS: dict[str, str] = {s: s for s in SHAPES} | {f"{s}s": s for s in SHAPES} | {
     "crosses": "cross", "stars": "star", "disc": "circle", "disk": "circle",
 }
@@ -107,7 +107,7 @@ class SyntheticConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> "SyntheticConfig":
+    def from_json(cls, data: dict) -> SyntheticConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
@@ -196,9 +196,8 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def _with_article(opener: str, next_word: str) -> str:
     # "a orange" -> "an orange"; only the final article of the opener changes.
-    if opener.endswith(" a") or opener == "a":
-        if next_word[0] in "aeiou":
-            return opener[:-1] + "an"
+    if (opener.endswith(" a") or opener == "a") and next_word[0] in "aeiou":
+        return opener[:-1] + "an"
     return opener
 
 
@@ -273,7 +272,7 @@ def attribute_accuracy(captions: Sequence[str], truths: Sequence[Attributes | Se
 
 def _split_rng(seed: int, split: str) -> np.random.Generator:
     # Independent streams per split: the test split does not change when num_train does.
-    return np.random.default_rng([seed, SPLITS.index(split) if split in SPLITS else len(split)])
+    return np.random.default_rng([seed, SPLITS.index(split)])
 
 
 def generate_samples(config: SyntheticConfig, split: str) -> Iterator[SyntheticSample]:
@@ -323,11 +322,10 @@ def _write_tar(path: Path, records: list[dict]) -> None:
     import webdataset as wds
 
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as stream:
-        # mtime fixed: the same config writes byte-identical tars.
-        with wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
-            for record in records:
-                writer.write(record)
+    # mtime fixed: the same config writes byte-identical tars.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
+        for record in records:
+            writer.write(record)
     tmp.replace(path)
 
 
