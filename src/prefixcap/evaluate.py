@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from prefixcap import metrics as M
+from prefixcap.argtypes import boolean
 
 ALL_METRICS = (*M.COCO_METRICS, "clipscore")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -890,14 +891,6 @@ def _dist_version(dist: str) -> str | None:
 GENERATION_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty")
 
 
-def _bool(value: str) -> bool:
-    lowered = str(value).strip().lower()
-    if lowered in {"1", "true", "yes", "y", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "n", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -920,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "csv, jsonl, coco or embeddings (several captions per image are grouped)")
     r.add_argument("--wds_image_key", default="jpg")
     r.add_argument("--wds_caption_key", default="txt")
-    r.add_argument("--wds_caption_in_metadata", type=_bool, nargs="?", const=True, default=False,
+    r.add_argument("--wds_caption_in_metadata", type=boolean, nargs="?", const=True, default=False,
                    help="captions are a field (--wds_caption_key) of each sample's json")
     r.add_argument("--image_column", default="image_path")
     r.add_argument("--caption_column", default="caption")

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prefixcap.argtypes import boolean, non_negative_int, positive_int
 from prefixcap.data.decode import CONVERSIONS, DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS
 from prefixcap.data.readers import READERS, InputError, ReaderConfig, make_reader
 from prefixcap.data.shards import FORMAT_VERSION
@@ -49,35 +50,6 @@ class PreprocessConfig:
     progress: bool = True
 
 
-def _bool(value: str) -> bool:
-    lowered = str(value).strip().lower()
-    if lowered in {"1", "true", "yes", "y", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "n", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def _non_negative(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The one parser behind `prefixcap preprocess` and the root create_dataset.py."""
     from prefixcap.language_models import MODEL_TYPES
@@ -90,13 +62,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                      help='input: brace pattern ("./webdataset/{000..123}.tar"), folder, file(s), URL or pipe:')
     io_.add_argument("--output_folder", default=d.output_folder, help="folder for shards + manifest.json")
     io_.add_argument("--input_format", default=d.input_format, choices=sorted(READERS), help="input format")
-    io_.add_argument("--subset_size", type=_positive, default=None, help="stop after this many input samples")
-    io_.add_argument("--samples_per_shard", type=_positive, default=d.samples_per_shard,
+    io_.add_argument("--subset_size", type=positive_int, default=None, help="stop after this many input samples")
+    io_.add_argument("--samples_per_shard", type=positive_int, default=d.samples_per_shard,
                      help="input samples per output shard (also the unit of resume)")
     wds = p.add_argument_group("webdataset input")
     wds.add_argument("--wds_image_key", default=d.wds_image_key, help="image extension(s) in the tars, e.g. jpg;png")
     wds.add_argument("--wds_caption_key", default=d.wds_caption_key, help="caption extension (or json field)")
-    wds.add_argument("--wds_caption_in_metadata", type=_bool, nargs="?", const=True, default=d.wds_caption_in_metadata,
+    wds.add_argument("--wds_caption_in_metadata", type=boolean, nargs="?", const=True, default=d.wds_caption_in_metadata,
                      help="read the caption from the sample's .json under --wds_caption_key")
     wds.add_argument("--cache_path", default=None, help="webdataset cache folder for remote tars")
     tab = p.add_argument_group("parquet / csv / jsonl / coco / embeddings input")
@@ -112,15 +84,15 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                      help="target LM family")
     enc.add_argument("--tokenizer_model_variant", default=d.tokenizer_model_variant,
                      help="Hugging Face LM name or local folder whose tokenizer is used")
-    enc.add_argument("--max_token_length", type=_positive, default=d.max_token_length,
+    enc.add_argument("--max_token_length", type=positive_int, default=d.max_token_length,
                      help="captions are truncated to this many tokens (counted)")
-    enc.add_argument("--prefix_length", type=_positive, default=d.prefix_length, help="recorded for training")
+    enc.add_argument("--prefix_length", type=positive_int, default=d.prefix_length, help="recorded for training")
     run = p.add_argument_group("speed")
-    run.add_argument("--batch_size", type=_positive, default=d.batch_size, help="images per encoder batch")
-    run.add_argument("--num_prepro_workers", type=_non_negative, default=d.num_prepro_workers,
+    run.add_argument("--batch_size", type=positive_int, default=d.batch_size, help="images per encoder batch")
+    run.add_argument("--num_prepro_workers", type=non_negative_int, default=d.num_prepro_workers,
                      help="image decoding worker processes (0: decode in the main process)")
     run.add_argument("--device", default=d.device, help="encoder device; falls back to cpu when CUDA is absent")
-    run.add_argument("--max_image_pixels", type=_positive, default=d.max_image_pixels,
+    run.add_argument("--max_image_pixels", type=positive_int, default=d.max_image_pixels,
                      help="larger images are skipped as decompression bombs")
     run.add_argument("--jpeg_draft", action="store_true",
                      help="let the JPEG decoder downscale while decoding (faster, pixels differ slightly)")

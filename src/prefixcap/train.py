@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcap.argtypes import non_negative_int, positive_int
+
 # Hugging Face keyword arguments forwarded to `from_pretrained` (the seed's **huggingface_kwargs);
 # any other unknown flag is an error. name -> (type, help); bool ones are plain switches.
 HF_KWARGS: dict[str, tuple[type, str]] = {
@@ -105,20 +107,6 @@ class TrainResult:
 
 
 # --- command line ----------------------------------------------------------------------------
-def _positive(value: str) -> int:
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -130,25 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data_dir", default=d.data_dir, help="preprocessed dataset folder (prefixcap preprocess)")
     s.add_argument("--output_dir", default=d.output_dir, help="where checkpoints and the model are written")
     s.add_argument("--output_filename_prefix", default=d.output_filename_prefix, help="checkpoint name prefix")
-    s.add_argument("--epochs", type=_positive, default=d.epochs)
-    s.add_argument("--save_every_epochs", type=_non_negative, default=d.save_every_epochs,
+    s.add_argument("--epochs", type=positive_int, default=d.epochs)
+    s.add_argument("--save_every_epochs", type=non_negative_int, default=d.save_every_epochs,
                    help="write {prefix}_{epoch}.ckpt every N epochs (0: never)")
-    s.add_argument("--save_every_steps", type=_non_negative, default=d.save_every_steps,
+    s.add_argument("--save_every_steps", type=non_negative_int, default=d.save_every_steps,
                    help="rewrite {prefix}_latest.ckpt every N optimizer steps (0: only at epoch ends)")
-    s.add_argument("--prefix_length", type=_positive, default=None,
+    s.add_argument("--prefix_length", type=positive_int, default=None,
                    help="K prefix embeddings (default: the dataset's, else 10); must match the dataset's")
-    s.add_argument("--prefix_size", type=_positive, default=None,
+    s.add_argument("--prefix_size", type=positive_int, default=None,
                    help="CLIP embedding size (default: the dataset's); must match the dataset's")
-    s.add_argument("--clip_prefix_length", type=_positive, default=d.clip_prefix_length,
+    s.add_argument("--clip_prefix_length", type=positive_int, default=d.clip_prefix_length,
                    help="the transformer mapper's L clip tokens")
     s.add_argument("--language_model_type", default=None, help="gpt2 | gpt-j | t5 | t0 | auto (default: the dataset's)")
     s.add_argument("--language_model_variant", default=None,
                    help="LM hub id or folder (default: the one the dataset was tokenized for)")
-    s.add_argument("--batch_size", type=_positive, default=d.batch_size, help="captions per process per step")
+    s.add_argument("--batch_size", type=positive_int, default=d.batch_size, help="captions per process per step")
     s.add_argument("--only_prefix", action="store_true", help="freeze the LM; train only the mapping network")
     s.add_argument("--mapping_type", choices=sorted(MAPPERS), default=d.mapping_type)
-    s.add_argument("--num_layers", type=_positive, default=d.num_layers, help="transformer mapper layers")
-    s.add_argument("--num_attention_heads", type=_positive, default=d.num_attention_heads,
+    s.add_argument("--num_layers", type=positive_int, default=d.num_layers, help="transformer mapper layers")
+    s.add_argument("--num_attention_heads", type=positive_int, default=d.num_attention_heads,
                    help="transformer mapper attention heads")
     s.add_argument("--normalize_prefix", action="store_true", help="L2-normalise CLIP embeddings (saved with the model)")
     s.add_argument("--use_deepspeed", action="store_true", help="DeepSpeed ZeRO through Accelerate (GPU only)")
@@ -159,15 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--language_model", default=None, help="LM hub id or folder; overrides --language_model_variant")
     t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--warmup_steps", type=_non_negative, default=d.warmup_steps, help="linear warm-up, then linear decay")
+    t.add_argument("--warmup_steps", type=non_negative_int, default=d.warmup_steps, help="linear warm-up, then linear decay")
     t.add_argument("--weight_decay", type=float, default=d.weight_decay)
     t.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: off)")
-    t.add_argument("--gradient_accumulation_steps", type=_positive, default=d.gradient_accumulation_steps)
+    t.add_argument("--gradient_accumulation_steps", type=positive_int, default=d.gradient_accumulation_steps)
     t.add_argument("--mixed_precision", choices=MIXED_PRECISION, default=d.mixed_precision,
                    help="auto: bf16 on a GPU that supports it, else fp32; always fp32 on the CPU")
     t.add_argument("--deepspeed_stage", type=int, choices=(1, 2), default=d.deepspeed_stage, help="ZeRO stage")
     t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--max_steps", type=_non_negative, default=d.max_steps,
+    t.add_argument("--max_steps", type=non_negative_int, default=d.max_steps,
                    help="stop after this many optimizer steps in total (0: no limit)")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from {prefix}_latest.ckpt in --output_dir (or from the given checkpoint)")
@@ -176,16 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--val_fraction", type=float, default=d.val_fraction,
                    help="hold out this fraction of the images (with all their captions) for validation")
     v.add_argument("--val_data_dir", default=None, help="a separate preprocessed validation dataset")
-    v.add_argument("--eval_every_steps", type=_non_negative, default=d.eval_every_steps,
+    v.add_argument("--eval_every_steps", type=non_negative_int, default=d.eval_every_steps,
                    help="validation loss every N steps (and at each epoch end)")
-    v.add_argument("--eval_cider_images", type=_non_negative, default=d.eval_cider_images,
+    v.add_argument("--eval_cider_images", type=non_negative_int, default=d.eval_cider_images,
                    help="also caption N validation images at each validation and report CIDEr")
     v.add_argument("--log_with", choices=TRACKERS, default=None, help="experiment tracker (through Accelerate)")
     v.add_argument("--logging_dir", default=None, help="tracker folder (default: {output_dir}/logs)")
-    v.add_argument("--log_every_steps", type=_positive, default=d.log_every_steps)
+    v.add_argument("--log_every_steps", type=positive_int, default=d.log_every_steps)
 
     dl = p.add_argument_group("data loading")
-    dl.add_argument("--num_workers", type=_non_negative, default=d.num_workers, help="DataLoader worker processes")
+    dl.add_argument("--num_workers", type=non_negative_int, default=d.num_workers, help="DataLoader worker processes")
     dl.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
                     help="batch captions of similar length together (less padding)")
 
