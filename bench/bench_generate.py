@@ -15,7 +15,14 @@ import argparse
 import sys
 import time
 
-from bench.common import THREADS_HELP, set_threads, machine_info, print_header, ratio, write_result
+from bench.common import (
+    THREADS_HELP,
+    machine_info,
+    print_header,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 
 def build_captioner(mapping_type: str, prefix_length: int):
@@ -50,7 +57,6 @@ def time_reference(fn, model, embeddings, **kw) -> tuple[float, list]:
 
 
 def time_captioner(captioner, embeddings, batch_size: int, **kw) -> tuple[float, list[list[int]]]:
-    import torch
 
     tokens: list[list[int]] = []
     start = time.perf_counter()
@@ -82,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mapping_type", default="mlp")
     p.add_argument("--prefix_length", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    p.add_argument("--max_tokens", type=int, default=0,
+                   help="token budget of the main pair (default: 20 with --quick, else the original's 67)")
+    p.add_argument("--no_short", action="store_true", help="skip the 20-token pair and the batch-size curve")
+    p.add_argument("--result_name", default="generate", help="bench/results/<name>.json")
     args = p.parse_args(argv)
 
     import torch
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"threads": args.threads, 
         "mode": "quick" if q else "full", "lm": "GPT-2 small (random weights, vocab 50257)",
         "mapper": f"{args.mapping_type} K={args.prefix_length}", "dtype": "float32",
-        "batch_size": args.batch_size, "entry_length": 20 if q else reference.ENTRY_LENGTH,
+        "batch_size": args.batch_size, "entry_length": args.max_tokens or (20 if q else reference.ENTRY_LENGTH),
         "ref_greedy_images": 1 if q else 4, "ref_beam_images": 1 if q else 2,
         "captioner_images": args.batch_size,
         "short_length": 20, "curve_batches": [1, 8, 32] if q else [1, 2, 4, 8, 16, 32, 64],
@@ -143,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
           f"speed-up {figures['beam5_speedup']}x")
 
     short = settings["short_length"]
+    if args.no_short:
+        figures = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()}
+        write_result(args.result_name, settings, info, figures, [])
+        return 0
     if budget == short:  # quick mode: the main pair already is the short one
         t_ref_s, t_cap_s, t_ref_bs, t_cap_bs = t_ref, t_cap, t_ref_b, t_cap_b
     else:
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "The reference re-runs GPT-2 (incl. its 50257-wide LM head) on every position at every step;"
         " the Captioner uses HF generate with a KV cache on whole batches.",
     ]
-    write_result("generate", settings, info, figures, notes)
+    write_result(args.result_name, settings, info, figures, notes)
     return 0
 
 

@@ -17,7 +17,16 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import THREADS_HELP, set_threads, REPO, WORK, machine_info, print_header, ratio, write_result
+from bench.common import (
+    REPO,
+    THREADS_HELP,
+    WORK,
+    machine_info,
+    print_header,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 CHILD_CODE = """
 import json, resource, sys

@@ -17,7 +17,15 @@ import shutil
 import sys
 import time
 
-from bench.common import THREADS_HELP, set_threads, WORK, machine_info, print_header, ratio, write_result
+from bench.common import (
+    THREADS_HELP,
+    WORK,
+    machine_info,
+    print_header,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 
 def encoder_throughput(encoder, batch_size: int, batches: int) -> float:

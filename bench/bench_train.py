@@ -12,12 +12,19 @@ Steady-state samples/s (the first steps are warm-up) for frozen LM ("prefix only
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from bench.common import THREADS_HELP, set_threads, WORK, machine_info, print_header, ratio, write_result
+from bench.common import (
+    THREADS_HELP,
+    WORK,
+    machine_info,
+    print_header,
+    ratio,
+    set_threads,
+    write_result,
+)
 
 
 def dataset_manifest(gpt2_dir: Path, clip_dir: Path) -> dict:

@@ -19,8 +19,8 @@ Nothing here is product code; prefixcap must beat these, not reuse them.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -152,7 +152,7 @@ class ReferenceCaptioner(nn.Module):
         """What the optimizer updates: the mapper only in prefix mode (autograd still does the LM)."""
         return list(self.mapper.parameters()) if self.only_prefix else list(self.parameters())
 
-    def train(self, mode: bool = True) -> "ReferenceCaptioner":
+    def train(self, mode: bool = True) -> ReferenceCaptioner:
         super().train(mode)
         if self.only_prefix:
             self.lm.eval()

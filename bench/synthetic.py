@@ -16,9 +16,7 @@ import numpy as np
 
 from bench.common import WORK
 
-WORDS = ("a man woman dog cat plate of food sitting on top table next to street with two people "
-         "riding wave surfboard bus train red blue green white large small standing in front group "
-         "kitchen room bed field grass water sky building holding playing frisbee park tennis").split()
+WORDS = ["a", "man", "woman", "dog", "cat", "plate", "of", "food", "sitting", "on", "top", "table", "next", "to", "street", "with", "two", "people", "riding", "wave", "surfboard", "bus", "train", "red", "blue", "green", "white", "large", "small", "standing", "in", "front", "group", "kitchen", "room", "bed", "field", "grass", "water", "sky", "building", "holding", "playing", "frisbee", "park", "tennis"]
 
 
 def coco_like_lengths(n: int, seed: int = 0) -> np.ndarray:
@@ -88,7 +86,12 @@ def write_preprocessed(folder: str | Path, num_captions: int, manifest_extra: di
     Shards go through prefixcap's own `write_shard`; the manifest is `manifest_extra` plus the
     counts, written last like the preprocess runner does. Reused when the manifest matches.
     """
-    from prefixcap.data.shards import MANIFEST, ShardContent, atomic_write_json, write_shard
+    from prefixcap.data.shards import (
+        MANIFEST,
+        ShardContent,
+        atomic_write_json,
+        write_shard,
+    )
 
     folder = Path(folder)
     signature = {"num_captions": num_captions, "captions_per_image": captions_per_image,

@@ -11,10 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import reference  # noqa: E402
-from prefixcap.language_models import load_language_model, load_tokenizer  # noqa: E402
-from prefixcap.mapping import MappingConfig  # noqa: E402
-from prefixcap.model import CaptionConfig, CaptionModel  # noqa: E402
+from bench import reference
+from prefixcap.mapping import MappingConfig
+from prefixcap.model import CaptionConfig, CaptionModel
 
 
 @pytest.fixture(scope="module")
