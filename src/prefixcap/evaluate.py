@@ -256,6 +256,7 @@ def _jsonl_references(path: Path) -> References:
         refs.captions.setdefault(str(key), []).extend(caps)  # several lines per image are grouped
         if obj.get("image"):
             refs.image_files[str(key)] = obj["image"]
+            refs.add_aliases(str(key), obj["image"])  # predictions may name the image file instead
     refs.captions = {k: _clean_refs(v) for k, v in refs.captions.items()}
     return refs
 
