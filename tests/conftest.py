@@ -16,8 +16,6 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
 from prefixcap import tiny_models  # noqa: E402
 
 
@@ -42,3 +40,12 @@ def tiny_gpt2(tiny_dir) -> str:
 def tiny_t5(tiny_dir) -> str:
     """A random 2-layer T5 (width 32) with a trained Unigram T5Tokenizer."""
     return str(tiny_models.build_tiny_t5(tiny_dir / "t5"))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Each test starts with one intra-op thread and cannot leak another count to the next test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -14,16 +14,6 @@ from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 
 K = 4  # prefix length of the test models
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared, busy CPU the threads'
-    # spin-waiting makes these tests several times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 C = 16  # tiny CLIP embedding size
 
 

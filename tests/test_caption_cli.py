@@ -23,16 +23,6 @@ from prefixcap.model import CaptionConfig, CaptionModel
 C = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared, busy CPU the threads'
-    # spin-waiting makes these tests several times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_clip, tiny_gpt2) -> str:
     torch.manual_seed(0)

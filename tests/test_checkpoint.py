@@ -25,14 +25,6 @@ from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(lm_path: str, only_prefix: bool = True):
     from transformers import get_linear_schedule_with_warmup
 

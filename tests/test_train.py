@@ -33,15 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 K = 4  # prefix length the test datasets were "preprocessed" with
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # A shared 2-core machine: more intra-op threads than free cores makes OpenMP stall badly.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "PYTHONPATH": str(REPO / "src")}

@@ -191,6 +191,9 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     from prefixcap.synthetic import SyntheticConfig, attribute_accuracy, write_dataset
     from prefixcap.tiny_models import build_tiny_gpt2, default_corpus
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the demo's own output
     torch.set_num_threads(cfg.threads)
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
