@@ -481,14 +481,17 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         if not inputs:
             raise ApiError(400, "no_images", "the request contains no image (multipart: add file fields; "
                                              "JSON: a non-empty 'images' list)")
-        if len(inputs) > config.max_images_per_request:
-            raise ApiError(413, "too_many_images",
-                           f"{len(inputs)} images in one request; this server accepts at most "
-                           f"{config.max_images_per_request} (--max_images_per_request)")
+        _check_image_count(len(inputs))
         try:
             return inputs, CaptionOptions.model_validate(raw)
         except ValidationError as err:
             raise ApiError(422, "bad_option", _validation_message(err)) from None
+
+    def _check_image_count(count: int) -> None:
+        if count > config.max_images_per_request:
+            raise ApiError(413, "too_many_images",
+                           f"{count} images in one request; this server accepts at most "
+                           f"{config.max_images_per_request} (--max_images_per_request)")
 
     async def _read_multipart(request: Request) -> tuple[list[_Input], dict[str, Any]]:
         inputs: list[_Input] = []
@@ -518,10 +521,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         if not isinstance(images, list):
             raise ApiError(422, "bad_request", "the JSON body needs 'images': a list of base64 strings or "
                                                "{\"data\": base64, \"name\": ...} / {\"url\": ...} objects")
-        if len(images) > config.max_images_per_request:
-            raise ApiError(413, "too_many_images",
-                           f"{len(images)} images in one request; this server accepts at most "
-                           f"{config.max_images_per_request} (--max_images_per_request)")
+        _check_image_count(len(images))  # before any base64 is decoded
         inputs = []
         for i, entry in enumerate(images):
             name = f"images[{i}]"
