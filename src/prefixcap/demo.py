@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from prefixcap.argtypes import positive_int
+from prefixcap.argtypes import non_negative_int, positive_int
 
 
 @dataclass
@@ -29,7 +30,7 @@ class DemoConfig:
     num_train: int = 4000
     num_test: int = 200
     # The tiny CLIP trains for a fixed number of steps (reproducible accuracy; ~12 steps/s on 2
-    # cores) with a time cap so a slow machine still finishes the demo in minutes.
+    # cores). clip_seconds bounds it only when clip_max_steps is None (a time-bounded run).
     clip_seconds: float = 150.0
     clip_max_steps: int | None = 1200
     lm_width: int = 64
@@ -43,7 +44,13 @@ class DemoConfig:
     warmup_steps: int = 50
     threads: int = 2
     sheet_images: int = 24
+    eval_metrics: str | None = None  # evaluate's --metrics (None: all but SPICE; METEOR needs Java, ~5 s)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+# `--quick`: half the data, fewer CLIP steps (~1 min on 2 cores). The test runs these sizes.
+QUICK = {"num_train": 2000, "num_test": 60, "clip_max_steps": 500, "epochs": 12, "batch_size": 32,
+         "sheet_images": 12}
 
 
 @dataclass
@@ -57,6 +64,7 @@ class DemoResult:
     stage_seconds: dict[str, float]
     total_seconds: float
     examples: list[dict[str, str]]
+    load_average: dict[str, list[float]] = field(default_factory=dict)  # 1/5/15-min, at start and end
 
 
 @contextmanager
@@ -81,8 +89,8 @@ def _quote(arg: str) -> str:
 
 
 def _clip_stamp(cfg: DemoConfig, data_config: dict) -> dict:
-    stamp = {"data": data_config, "clip_seconds": cfg.clip_seconds, "clip_max_steps": cfg.clip_max_steps,
-             "seed": cfg.seed}
+    budget = {"clip_max_steps": cfg.clip_max_steps} if cfg.clip_max_steps else {"clip_seconds": cfg.clip_seconds}
+    stamp = {"data": data_config, **budget, "seed": cfg.seed}
     return json.loads(json.dumps(stamp))  # as read back from disk (tuples become lists)
 
 
@@ -168,7 +176,9 @@ def _write_report(cfg: DemoConfig, result: DemoResult, work: Path) -> None:
     lines = [
         "# prefixcap offline demo report", "",
         f"Held-out images: {cfg.num_test}; training images: {cfg.num_train}; total time "
-        f"{result.total_seconds:.0f} s on this machine.", "",
+        f"{result.total_seconds:.0f} s on this machine ({os.cpu_count()} CPU cores, {cfg.threads} torch "
+        f"threads; load average at start {_fmt_load(result.load_average.get('start'))}, at end "
+        f"{_fmt_load(result.load_average.get('end'))}).", "",
         "| held-out captions with ... correct | share |", "|---|---|",
         *(f"| {k} | {v:.1%} |" for k, v in acc.items()), "",
         "| metric | model | most-frequent-caption baseline |", "|---|---|---|",
@@ -198,6 +208,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     work = Path(cfg.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
+    load_start = _load_average()
+    print(f"{os.cpu_count()} CPU cores, {cfg.threads} torch threads, load average {_fmt_load(load_start)}")
     t0 = time.perf_counter()
 
     with _stage("1. synthetic dataset (webdataset shards)", seconds):
@@ -254,12 +266,13 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
     with _stage("7. evaluate (model and most-frequent-caption baseline)", seconds):
         refs_path = work / "references.jsonl"
+        metric_flags = ["--metrics", cfg.eval_metrics] if cfg.eval_metrics else []
         refs_path.write_text("".join(json.dumps({"key": r["key"], "image": r["image"], "captions": r["captions"]})
                                      + "\n" for r in rows))
         _run("evaluate", evaluate.main, [
             "--predictions", str(predictions_path), "--references", str(refs_path),
             "--images", str(work / "test_images"), "--clip_model", str(work / "clip"),
-            "--output_dir", str(work / "eval"), "--no_spice",
+            "--output_dir", str(work / "eval"), "--no_spice", *metric_flags,
         ])
         baseline_caption = Counter(train_captions).most_common(1)[0][0]
         baseline_path = work / "baseline_predictions.jsonl"
@@ -268,7 +281,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         _run("evaluate", evaluate.main, [
             "--predictions", str(baseline_path), "--references", str(refs_path),
             "--images", str(work / "test_images"), "--clip_model", str(work / "clip"),
-            "--output_dir", str(work / "eval_baseline"), "--no_spice",
+            "--output_dir", str(work / "eval_baseline"), "--no_spice", *metric_flags,
         ])
         metrics = _headline_metrics(work / "eval")
         baseline = _headline_metrics(work / "eval_baseline")
@@ -278,11 +291,23 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     examples = [{"key": r["key"], "predicted": predicted.get(r["key"], ""), "reference": r["captions"][0]}
                 for r in rows[:8]]
     result = DemoResult(accuracy, metrics, baseline, baseline_caption, seconds,
-                        round(time.perf_counter() - t0, 1), examples)
+                        round(time.perf_counter() - t0, 1), examples,
+                        {"start": load_start, "end": _load_average()})
     cfg.stage_seconds = seconds
     _write_report(cfg, result, work)
     _print_summary(result, work)
     return result
+
+
+def _load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return []
+
+
+def _fmt_load(load: list[float] | None) -> str:
+    return " / ".join(f"{x:.2f}" for x in load) if load else "n/a"
 
 
 def _headline_metrics(folder: Path) -> dict[str, float]:
@@ -307,7 +332,7 @@ def _print_summary(result: DemoResult, work: Path) -> None:
     print("\n=== time per stage ===")
     for k, v in result.stage_seconds.items():
         print(f"{v:6.1f} s  {k}")
-    print(f"{result.total_seconds:6.1f} s  total")
+    print(f"{result.total_seconds:6.1f} s  total (load average at end {_fmt_load(result.load_average.get('end'))})")
     print(f"\nreport: {work / 'report.md'}  contact sheet: {work / 'contact_sheet.png'}")
 
 
@@ -318,21 +343,37 @@ def build_parser() -> argparse.ArgumentParser:
                                             "synthetic shapes with a tiny CLIP and a tiny GPT-2.")
     p.add_argument("--workdir", default=d.workdir, help="everything the demo writes stays here")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--num_train", type=positive_int, default=d.num_train)
-    p.add_argument("--num_test", type=positive_int, default=d.num_test)
-    p.add_argument("--clip_seconds", type=float, default=d.clip_seconds)
-    p.add_argument("--clip_max_steps", type=positive_int, default=d.clip_max_steps)
-    p.add_argument("--epochs", type=positive_int, default=d.epochs)
-    p.add_argument("--batch_size", type=positive_int, default=d.batch_size)
-    p.add_argument("--threads", type=positive_int, default=d.threads)
+    p.add_argument("--quick", action="store_true",
+                   help="smaller run (~1 min on 2 cores): " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+                        + "; explicit size flags still win")
+    p.add_argument("--num_train", type=positive_int, help=f"training images (default {d.num_train})")
+    p.add_argument("--num_test", type=positive_int, help=f"held-out images (default {d.num_test})")
+    p.add_argument("--clip_max_steps", type=non_negative_int,
+                   help=f"tiny-CLIP training steps (default {d.clip_max_steps}); 0: train for --clip_seconds")
+    p.add_argument("--clip_seconds", type=float, help=f"tiny-CLIP time budget when --clip_max_steps 0 "
+                                                      f"(default {d.clip_seconds:g})")
+    p.add_argument("--epochs", type=positive_int, help=f"caption-model training epochs (default {d.epochs})")
+    p.add_argument("--batch_size", type=positive_int, help=f"caption-model batch size (default {d.batch_size})")
+    p.add_argument("--eval_metrics", help="evaluate only these metrics (evaluate's --metrics, e.g. "
+                                          "bleu,rouge,cider,clipscore); default: all but SPICE")
+    p.add_argument("--threads", type=positive_int, default=d.threads,
+                   help="torch intra-op threads (default %(default)s; keep it <= the free CPU cores: "
+                        "oversubscribed threads make tiny models many times slower)")
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """Defaults, then --quick's sizes, then any size flag given explicitly."""
+    values = {k: v for k, v in vars(args).items() if k != "quick" and v is not None}
+    if values.get("clip_max_steps") == 0:
+        values["clip_max_steps"] = None
+    base = QUICK if args.quick else {}
+    return DemoConfig(**{**base, **values})
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = DemoConfig(**vars(args))
-    result = run_demo(cfg)
-    return 0 if result.accuracy else 1
+    run_demo(config_from_args(build_parser().parse_args(argv)))
+    return 0
 
 
 if __name__ == "__main__":
