@@ -4,14 +4,22 @@ import json
 
 import pytest
 
-from prefixcap.demo import QUICK, DemoConfig, _clip_stamp, _train_tiny_clip, build_parser, config_from_args, main
+from prefixcap.demo import (
+    QUICK,
+    DemoConfig,
+    _clip_stamp,
+    _train_tiny_clip,
+    build_parser,
+    config_from_args,
+    main,
+)
 from prefixcap.synthetic import SyntheticConfig, write_dataset
 
-# --quick, a little shorter still (~85 s on 2 cores): fewer CLIP steps and epochs, no METEOR (its Java
-# start costs ~6 s per evaluate). One torch thread: with a second torch process on the same 2 cores
+# --quick, a little shorter still (70-78 s on 2 cores): fewer CLIP steps and epochs, no METEOR (it
+# costs ~10 s per evaluate). One torch thread: with a second torch process on the same 2 cores
 # (another test run, a build), two threads each run many times slower (measured: a 100 s test took
 # over 12 min), while one thread is only ~10 % slower on a free machine.
-ARGS = ["--quick", "--clip_max_steps", "400", "--epochs", "10", "--threads", "1",
+ARGS = ["--quick", "--clip_max_steps", "400", "--epochs", "10", "--threads", "1",  # 1 is the default too
         "--eval_metrics", "bleu,rouge,cider,clipscore"]
 
 
@@ -34,7 +42,7 @@ def test_quick_demo_learns_attributes(tmp_path):
     assert (work / "contact_sheet.png").stat().st_size > 5_000
     assert "held-out captions" in (work / "report.md").read_text()
     assert set(result["stage_seconds"]) >= {"4. preprocess", "5. train (mapper + fine-tuned LM)"}
-    assert set(p.name for p in work.iterdir()) >= {"data", "clip", "lm", "preprocessed", "models", "eval",
+    assert {p.name for p in work.iterdir()} >= {"data", "clip", "lm", "preprocessed", "models", "eval",
                                                   "eval_baseline", "predictions.jsonl", "report.md"}
 
     # A second run reuses the data and the encoder (the stages after them are always rebuilt).
@@ -51,7 +59,9 @@ def test_quick_demo_learns_attributes(tmp_path):
 
 
 def test_quick_and_explicit_sizes():
-    parse = lambda *a: config_from_args(build_parser().parse_args(list(a)))  # noqa: E731
+    def parse(*argv: str) -> DemoConfig:
+        return config_from_args(build_parser().parse_args(list(argv)))
+
     assert parse().num_train == DemoConfig().num_train
     assert parse("--quick").num_train == QUICK["num_train"] and parse("--quick").epochs == QUICK["epochs"]
     assert parse("--quick", "--num_train", "3000").num_train == 3000

@@ -13,10 +13,10 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from prefixcap.argtypes import non_negative_int, positive_int
 
@@ -42,13 +42,15 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
-    threads: int = 2
+    # One torch thread: on a free 2-core machine two threads gain only ~10 %, but beside any other
+    # busy process they make the tiny models 4-13x slower (measured: tiny CLIP 91 s -> 376 s).
+    threads: int = 1
     sheet_images: int = 24
-    eval_metrics: str | None = None  # evaluate's --metrics (None: all but SPICE; METEOR needs Java, ~5 s)
+    eval_metrics: str | None = None  # evaluate's --metrics (None: all but SPICE; METEOR costs ~10 s)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-# `--quick`: half the data, fewer CLIP steps (~1 min on 2 cores). The test runs these sizes.
+# `--quick`: half the data, fewer CLIP steps (~100 s on 2 cores; measured 83 % all-three correct).
 QUICK = {"num_train": 2000, "num_test": 60, "clip_max_steps": 500, "epochs": 12, "batch_size": 32,
          "sheet_images": 12}
 
@@ -90,7 +92,8 @@ def _quote(arg: str) -> str:
 
 def _clip_stamp(cfg: DemoConfig, data_config: dict) -> dict:
     budget = {"clip_max_steps": cfg.clip_max_steps} if cfg.clip_max_steps else {"clip_seconds": cfg.clip_seconds}
-    stamp = {"data": data_config, **budget, "seed": cfg.seed}
+    # The thread count changes float summation order, hence the trained weights.
+    stamp = {"data": data_config, **budget, "seed": cfg.seed, "threads": cfg.threads}
     return json.loads(json.dumps(stamp))  # as read back from disk (tuples become lists)
 
 
@@ -175,10 +178,10 @@ def _write_report(cfg: DemoConfig, result: DemoResult, work: Path) -> None:
     acc, m, b = result.accuracy, result.metrics, result.baseline_metrics
     lines = [
         "# prefixcap offline demo report", "",
-        f"Held-out images: {cfg.num_test}; training images: {cfg.num_train}; total time "
-        f"{result.total_seconds:.0f} s on this machine ({os.cpu_count()} CPU cores, {cfg.threads} torch "
-        f"threads; load average at start {_fmt_load(result.load_average.get('start'))}, at end "
-        f"{_fmt_load(result.load_average.get('end'))}).", "",
+        (f"Held-out images: {cfg.num_test}; training images: {cfg.num_train}; total time "
+         f"{result.total_seconds:.0f} s on this machine ({os.cpu_count()} CPU cores, {cfg.threads} torch "
+         f"thread(s); load average at start {_fmt_load(result.load_average.get('start'))}, at end "
+         f"{_fmt_load(result.load_average.get('end'))})."), "",
         "| held-out captions with ... correct | share |", "|---|---|",
         *(f"| {k} | {v:.1%} |" for k, v in acc.items()), "",
         "| metric | model | most-frequent-caption baseline |", "|---|---|---|",
@@ -196,12 +199,11 @@ def _write_report(cfg: DemoConfig, result: DemoResult, work: Path) -> None:
 def run_demo(cfg: DemoConfig) -> DemoResult:
     """Run the whole pipeline in cfg.workdir and return the figures."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from prefixcap import caption_cli, evaluate, preprocess, train
     from prefixcap.synthetic import SyntheticConfig, attribute_accuracy, write_dataset
     from prefixcap.tiny_models import build_tiny_gpt2, default_corpus
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the demo's own output
     torch.set_num_threads(cfg.threads)
@@ -209,7 +211,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     load_start = _load_average()
-    print(f"{os.cpu_count()} CPU cores, {cfg.threads} torch threads, load average {_fmt_load(load_start)}")
+    print(f"{os.cpu_count()} CPU cores, {cfg.threads} torch thread(s), load average {_fmt_load(load_start)}")
     t0 = time.perf_counter()
 
     with _stage("1. synthetic dataset (webdataset shards)", seconds):
@@ -241,7 +243,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
             "--clip_model", str(work / "clip"), "--tokenizer_model_type", "gpt2",
             "--tokenizer_model_variant", str(work / "lm"), "--max_token_length", "32",
             "--prefix_length", str(cfg.prefix_length), "--batch_size", "256",
-            "--num_prepro_workers", str(cfg.threads), "--device", "cpu", "--no_progress",
+            "--num_prepro_workers", str(min(2, os.cpu_count() or 1)), "--device", "cpu", "--no_progress",
         ])
 
     with _stage("5. train (mapper + fine-tuned LM)", seconds):
@@ -344,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=d.workdir, help="everything the demo writes stays here")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true",
-                   help="smaller run (~1 min on 2 cores): " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
-                        + "; explicit size flags still win")
+                   help="smaller run (~100 s on 2 cores instead of ~180 s): "
+                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "; explicit size flags still win")
     p.add_argument("--num_train", type=positive_int, help=f"training images (default {d.num_train})")
     p.add_argument("--num_test", type=positive_int, help=f"held-out images (default {d.num_test})")
     p.add_argument("--clip_max_steps", type=non_negative_int,
