@@ -58,7 +58,7 @@ def run_child(data_dir: Path, steps: int, batch: int, workers: int, lm: str | No
     out = WORK / "out" / f"memory_{data_dir.name}"
     args = ["--data_dir", str(data_dir), "--output_dir", str(out), "--only_prefix", "--batch_size", str(batch),
             "--max_steps", str(steps), "--epochs", "1", "--save_every_steps", "0", "--save_every_epochs", "0",
-            "--num_workers", str(workers), "--gpu_devices", "cpu"]
+            "--num_workers", str(workers), "--gpu_devices", "cpu", "--overwrite_output_dir"]
     if lm:
         args += ["--language_model", lm]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "TQDM_DISABLE": "1"}

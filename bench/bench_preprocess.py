@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.builders import CLIP_DIR, GPT2_DIR, build_clip_vit_b32, build_gpt2_small
     from bench.reference import encode_per_caption
     from bench.synthetic import write_jpeg_shards
+    from prefixcap.data.readers import ReaderOptions
     from prefixcap.encoders import load_encoder
     from prefixcap.preprocess import PreprocessConfig, run_preprocess
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     out = WORK / "out" / "preprocess_bench"
     shutil.rmtree(out, ignore_errors=True)
     cfg = PreprocessConfig(input_dataset=[str(t) for t in tars], output_folder=str(out),
-                           input_format="webdataset", wds_caption_in_metadata=True, wds_caption_key="captions",
+                           input_format="webdataset",
+                           reader=ReaderOptions(wds_caption_in_metadata=True, wds_caption_key="captions"),
                            batch_size=args.batch_size, num_prepro_workers=args.workers, clip_model=str(CLIP_DIR),
                            tokenizer_model_type="gpt2", tokenizer_model_variant=str(GPT2_DIR), device="cpu",
                            progress=False)

@@ -58,7 +58,7 @@ def run_prefixcap(data_dir: Path, batch_size: int, steps: int, warmup: int, only
     cfg = TrainConfig(data_dir=str(data_dir), output_dir=str(WORK / "out" / "train_bench"),
                       batch_size=batch_size, only_prefix=only_prefix, epochs=1, max_steps=warmup + steps,
                       save_every_steps=0, save_every_epochs=0, num_workers=num_workers, gpu_devices="cpu",
-                      log_every_steps=10**9)
+                      log_every_steps=10**9, overwrite_output_dir=True)
     trainer = _Trainer(cfg, cpu=True)
     trainer._save = lambda tag: None  # writing checkpoints is not what is compared here
     stamps: list[float] = []

@@ -37,7 +37,7 @@ def build_gpt2_small(path: str | Path = GPT2_DIR, seed: int = 0) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
-    from prefixcap.tiny_models import default_corpus, train_byte_bpe
+    from prefixcap.demo.tiny_models import default_corpus, train_byte_bpe
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
@@ -65,7 +65,7 @@ def build_clip_vit_b32(path: str | Path = CLIP_DIR, seed: int = 0) -> Path:
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from prefixcap.tiny_models import build_clip_tokenizer
+    from prefixcap.demo.tiny_models import build_clip_tokenizer
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():

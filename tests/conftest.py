@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from prefixcap import tiny_models  # noqa: E402
+from prefixcap.demo import tiny_models  # noqa: E402
 
 
 @pytest.fixture(scope="session")

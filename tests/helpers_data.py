@@ -13,7 +13,7 @@ from prefixcap.language_models import (
     tokenize_caption,
     tokenizer_fingerprint,
 )
-from prefixcap.tiny_models import default_corpus
+from prefixcap.demo.tiny_models import default_corpus
 
 
 def make_dataset(folder: str | Path, lm_path: str, family: str = "causal", num_images: int = 24,

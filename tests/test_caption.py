@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap.caption import Captioner, GenerationSettings, ImageInputError
+from prefixcap.caption import Captioner, ImageInputError
+from prefixcap.generation import MAX_NEW_TOKENS, GenerationSettings
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 
@@ -206,7 +207,7 @@ def test_settings_are_validated(gpt2_cap):
 
 def test_max_new_tokens_fits_the_context(gpt2_cap):
     ctx = gpt2_cap.model.lm.config.n_positions
-    out = gpt2_cap.generate(embeddings(1), GenerationSettings(max_new_tokens=10_000))
+    out = gpt2_cap.generate(embeddings(1), GenerationSettings(max_new_tokens=MAX_NEW_TOKENS))
     assert len(out.tokens[0]) <= ctx - K
 
 

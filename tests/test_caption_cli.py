@@ -159,3 +159,26 @@ def test_missing_model_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "a.png").write_bytes(png_bytes(1))
     assert main(["--model", str(tmp_path / "no_model"), str(tmp_path / "a.png"), "--no_progress"]) == 2
     assert "no_model" in capsys.readouterr().err
+
+
+def test_every_input_failing_exits_1(tmp_path, model_dir, capsys):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    out = tmp_path / "o.jsonl"
+    assert main(["--model", model_dir, str(tmp_path / "bad.png"), str(tmp_path / "gone.png"), "--output", str(out),
+                 "--no_progress"]) == 1
+    assert [r["key"] for r in read_jsonl(out)] == [str(tmp_path / "bad.png"), str(tmp_path / "gone.png")]
+    assert "no input could be captioned" in capsys.readouterr().err
+
+
+def test_embeddings_of_the_wrong_width_fail_fast_with_one_line(tmp_path, model_dir, capsys):
+    emb_dir = tmp_path / "emb"
+    (emb_dir / "img_emb").mkdir(parents=True)
+    (emb_dir / "metadata").mkdir()
+    np.save(emb_dir / "img_emb" / "img_emb_0.npy", np.zeros((3, C + 8), np.float32))
+    meta = pa.table({"image_path": ["p0.jpg", "p1.jpg", "p2.jpg"]})
+    pq.write_table(meta, emb_dir / "metadata" / "metadata_0.parquet")
+    out = tmp_path / "o.jsonl"
+    assert main(["--model", model_dir, str(emb_dir), "--output", str(out), "--no_progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'p0.jpg' has 24 values but the model expects 16" in err[0]
+    assert out.read_text() == ""  # no error line per embedding

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixcap import tiny_models
-from prefixcap.clip_pretrain import (
+from prefixcap.demo import tiny_models
+from prefixcap.demo.clip_pretrain import (
     PRETRAIN_FILE,
     ClipPretrainConfig,
     chance_levels,
@@ -20,7 +20,7 @@ from prefixcap.clip_pretrain import (
     probe_attributes,
 )
 from prefixcap.encoders import load_encoder
-from prefixcap.synthetic import SyntheticConfig, caption_attributes, generate_samples
+from prefixcap.demo.synthetic import SyntheticConfig, caption_attributes, generate_samples
 
 # Step-bounded (not time-bounded) so the outcome does not depend on how busy the machine is.
 SHORT = ClipPretrainConfig(max_steps=200, seed=0)

@@ -4,16 +4,9 @@ import json
 
 import pytest
 
-from prefixcap.demo import (
-    QUICK,
-    DemoConfig,
-    _clip_stamp,
-    _train_tiny_clip,
-    build_parser,
-    config_from_args,
-    main,
-)
-from prefixcap.synthetic import SyntheticConfig, write_dataset
+from prefixcap.demo.cli import build_parser, config_from_args, main
+from prefixcap.demo.run import QUICK, DemoConfig, _clip_stamp, _train_tiny_clip
+from prefixcap.demo.synthetic import SyntheticConfig, write_dataset
 
 # --quick, a little shorter still (70-78 s on 2 cores): fewer CLIP steps and epochs, no METEOR (it
 # costs ~10 s per evaluate). One torch thread: with a second torch process on the same 2 cores

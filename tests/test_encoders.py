@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from prefixcap.data.images import to_rgb
 from prefixcap.encoders import (
-    UnknownEncoderError, load_encoder, normalize, resolve_encoder, to_rgb,
+    UnknownEncoderError, load_encoder, normalize, resolve_encoder,
 )
 
 

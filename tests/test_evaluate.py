@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from prefixcap import caption as caption_module  # a broken import must fail the module, never skip it
 from prefixcap import evaluate as E
+from prefixcap import evaluate_cli as EC
 from prefixcap import metrics as M
 
 needs_java = pytest.mark.skipif(not M.java_available(), reason="java is not on PATH")
@@ -61,7 +63,7 @@ def read_outputs(folder: Path) -> tuple[dict, str, list[dict]]:
 @needs_java
 def test_coco_results_end_to_end(coco, tiny_clip, capsys):
     out = coco["root"] / "out"
-    rc = E.main(["--predictions", str(coco["results"]), "--references", str(coco["refs"]), "--images",
+    rc = EC.main(["--predictions", str(coco["results"]), "--references", str(coco["refs"]), "--images",
                  str(coco["images"]), "--clip_model", tiny_clip, "--output_dir", str(out), "--name", "tiny"])
     assert rc == 0
     summary, table, per = read_outputs(out)
@@ -90,7 +92,7 @@ def test_coco_results_end_to_end(coco, tiny_clip, capsys):
 
 def test_jsonl_predictions_limit_and_library_call(coco):
     out = coco["root"] / "out"
-    rc = E.main(["--predictions", str(coco["jsonl"]), "--references", str(coco["refs"]), "--limit", "2",
+    rc = EC.main(["--predictions", str(coco["jsonl"]), "--references", str(coco["refs"]), "--limit", "2",
                  "--metrics", "bleu,cider", "--tokenizer", "simple", "--output_dir", str(out)])
     assert rc == 0
     summary, _, per = read_outputs(out)
@@ -131,7 +133,7 @@ def test_bad_input_is_counted_and_reported(coco, capsys):
     preds = coco["root"] / "bad.jsonl"
     preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out = coco["root"] / "out"
-    rc = E.main(["--predictions", str(preds), "--references", str(coco["refs"]), "--metrics", "bleu,cider",
+    rc = EC.main(["--predictions", str(preds), "--references", str(coco["refs"]), "--metrics", "bleu,cider",
                  "--tokenizer", "simple", "--output_dir", str(out)])
     assert rc == 0
     summary, _, per = read_outputs(out)
@@ -150,7 +152,7 @@ def test_bad_input_is_counted_and_reported(coco, capsys):
     capsys.readouterr()
     for drop, named in ((0, "'1'"), (1, "'999'")):  # duplicates are checked first, then unknown images
         preds.write_text("".join(json.dumps(x) + "\n" for x in lines[: len(lines) - drop]))
-        rc = E.main(["--predictions", str(preds), "--references", str(coco["refs"]), "--metrics", "bleu",
+        rc = EC.main(["--predictions", str(preds), "--references", str(coco["refs"]), "--metrics", "bleu",
                      "--tokenizer", "simple", "--strict", "--output_dir", str(out)])
         err = capsys.readouterr().err
         assert rc == 2 and "Traceback" not in err
@@ -167,7 +169,7 @@ def test_bad_input_is_counted_and_reported(coco, capsys):
 def test_malformed_predictions_stop_with_a_message(coco, capsys, content, expected):
     bad = coco["root"] / ("bad.jsonl" if content.startswith("{") else "bad.json")
     bad.write_bytes(b"\xff\xfe" if content == "\udcff" else content.encode())
-    rc = E.main(["--predictions", str(bad), "--references", str(coco["refs"]), "--output_dir",
+    rc = EC.main(["--predictions", str(bad), "--references", str(coco["refs"]), "--output_dir",
                  str(coco["root"] / "out")])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and str(bad) in err and "Traceback" not in err
@@ -185,7 +187,7 @@ def test_flag_and_file_errors(coco, capsys):
           str(coco["images"]), "--clip_model", str(coco["root"] / "no_clip_here")], "--no_clipscore"),
     ]
     for argv, expected in cases:
-        rc = E.main(argv + ["--output_dir", str(coco["root"] / "out")])
+        rc = EC.main(argv + ["--output_dir", str(coco["root"] / "out")])
         err = capsys.readouterr().err
         assert rc == 2 and expected in err and "Traceback" not in err, (argv, err)
 
@@ -211,7 +213,7 @@ def test_karpathy_split_and_file_name_keys(tmp_path):
     # Predictions keyed by file name are matched to the COCO ids.
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"key": "COCO_val2014_000000000001.jpg", "caption": "a horse on a beach"}) + "\n")
-    rc = E.main(["--predictions", str(preds), "--references", str(path), "--metrics", "bleu", "--tokenizer",
+    rc = EC.main(["--predictions", str(preds), "--references", str(path), "--metrics", "bleu", "--tokenizer",
                  "simple", "--output_dir", str(tmp_path / "out")])
     summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert rc == 0 and summary["counts"]["scored"] == 1 and summary["settings"]["split"] == "test"
@@ -248,7 +250,7 @@ def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_
     refs = E.load_references(data)
     assert refs.source == "preprocessed" and refs.captions["3"] == CAPTIONS[3]
     out = tmp_path / "out"
-    rc = E.main(["--predictions", str(coco["jsonl"]), "--references", str(data), "--metrics", "cider,clipscore",
+    rc = EC.main(["--predictions", str(coco["jsonl"]), "--references", str(data), "--metrics", "cider,clipscore",
                  "--tokenizer", "simple", "--clip_model", tiny_clip, "--output_dir", str(out)])
     assert rc == 0
     summary = json.loads((out / "metrics.json").read_text())
@@ -262,9 +264,6 @@ def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_
 
 
 # --- --model mode -----------------------------------------------------------------------------
-caption_module = pytest.importorskip("prefixcap.caption", reason="prefixcap.caption is not written yet")
-
-
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory, tiny_clip, tiny_gpt2) -> Path:
     import torch
@@ -281,7 +280,7 @@ def tiny_artifact(tmp_path_factory, tiny_clip, tiny_gpt2) -> Path:
 
 def test_model_mode_on_images_and_on_embeddings(coco, tiny_artifact, tiny_clip, tmp_path):
     out = tmp_path / "out_images"
-    rc = E.main(["--model", str(tiny_artifact), "--dataset", str(coco["refs"]), "--images", str(coco["images"]),
+    rc = EC.main(["--model", str(tiny_artifact), "--dataset", str(coco["refs"]), "--images", str(coco["images"]),
                  "--limit", "3", "--metrics", "bleu,cider,clipscore", "--tokenizer", "simple", "--clip_model",
                  tiny_clip, "--max_new_tokens", "5", "--batch_size", "2", "--output_dir", str(out)])
     assert rc == 0
@@ -298,7 +297,7 @@ def test_model_mode_on_images_and_on_embeddings(coco, tiny_artifact, tiny_clip, 
 
     data = write_preprocessed(tmp_path / "pre", tiny_clip, np.random.default_rng(0).normal(size=(4, 16)))
     out = tmp_path / "out_emb"
-    rc = E.main(["--model", str(tiny_artifact), "--dataset", str(data), "--metrics", "bleu,clipscore",
+    rc = EC.main(["--model", str(tiny_artifact), "--dataset", str(data), "--metrics", "bleu,clipscore",
                  "--tokenizer", "simple", "--clip_model", tiny_clip, "--max_new_tokens", "5",
                  "--output_dir", str(out)])
     assert rc == 0
@@ -313,7 +312,7 @@ def test_model_mode_counts_missing_images(coco, tiny_artifact, tmp_path):
     (coco["images"] / "COCO_val2014_000000000002.jpg").unlink()
     (coco["images"] / "COCO_val2014_000000000003.jpg").write_bytes(b"broken")
     out = tmp_path / "out"
-    rc = E.main(["--model", str(tiny_artifact), "--dataset", str(coco["refs"]), "--images", str(coco["images"]),
+    rc = EC.main(["--model", str(tiny_artifact), "--dataset", str(coco["refs"]), "--images", str(coco["images"]),
                  "--no_clipscore", "--metrics", "bleu", "--tokenizer", "simple", "--max_new_tokens", "4",
                  "--output_dir", str(out)])
     assert rc == 0
@@ -342,7 +341,7 @@ def test_model_mode_on_webdataset_shards(tmp_path, tiny_artifact, tiny_clip):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     out = tmp_path / "out"
-    rc = E.main(["--model", str(tiny_artifact), "--dataset", str(tar), "--input_format", "webdataset",
+    rc = EC.main(["--model", str(tiny_artifact), "--dataset", str(tar), "--input_format", "webdataset",
                  "--wds_caption_in_metadata", "--metrics", "bleu,clipscore", "--tokenizer", "simple",
                  "--clip_model", tiny_clip, "--max_new_tokens", "4", "--output_dir", str(out)])
     assert rc == 0
@@ -350,7 +349,8 @@ def test_model_mode_on_webdataset_shards(tmp_path, tiny_artifact, tiny_clip):
     by_key = {p["key"]: p for p in per}
     assert by_key["a"]["references"] == ["a red square", "a red image"]  # grouped by image
     assert summary["counts"]["scored"] == 3 and summary["counts"]["caption_errors"] == 1
-    assert "cannot read image" in by_key["c"]["error"] and summary["problems"]["caption_errors"] == ["c"]
+    # The same per-image error text `prefixcap caption` writes (one pipeline for both).
+    assert by_key["c"]["error"].startswith("not_an_image") and summary["problems"]["caption_errors"] == ["c"]
     assert summary["counts"]["empty_predictions"] == 0  # the failure is counted once, as an error
     assert summary["counts"]["clipscore_images"] == 2 and "CLIPScore" in by_key["a"]
     assert summary["settings"]["input_format"] == "webdataset"

@@ -211,8 +211,9 @@ def test_bad_inputs_are_counted_and_never_stop_the_run(tmp_path, tiny_clip, tiny
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
-    too_long = [s.caption for s in ds if len(tok(s.caption)["input_ids"]) + 1 > 16]
-    assert "a very long caption" in too_long[-1] and m["num_truncated"] == len(too_long)
+    long = next(s for s in ds if s.key == "long_caption")  # stored cut to the text its 16 tokens say
+    assert long.caption.startswith("a very long") and len(long.caption) < len("a very long caption " * 20) - 1
+    assert tok.decode(long.tokens, skip_special_tokens=True).strip() == long.caption and m["num_truncated"] == 1
     assert max(len(s.tokens) for s in ds) == 16 and all(s.tokens[-1] == tok.eos_token_id for s in ds)
     keys = [s.key for s in ds]
     good_from_cut_tar = [k for k in keys if k.startswith("t")]

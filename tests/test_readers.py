@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from prefixcap.data.readers import InputError, ReaderConfig, expand_inputs, make_reader
+from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, expand_inputs, make_reader
 from prep_helpers import image_bytes, simple_webdataset, write_tar
 
 
@@ -40,8 +40,8 @@ def test_webdataset_missing_keys_metadata_captions_and_truncated_tar(tmp_path):
         ("k1", {"json": meta}),  # no image
         ("k2", {"png": image_bytes(1, "PNG"), "json": b"{}"}),  # png key, no caption in json
     ])
-    cfg = ReaderConfig([str(tmp_path / "a.tar")], "webdataset", wds_image_key="jpg;png", wds_caption_key="caption",
-                       wds_caption_in_metadata=True)
+    cfg = ReaderConfig([str(tmp_path / "a.tar")], "webdataset",
+                       ReaderOptions(wds_image_key="jpg;png", wds_caption_key="caption", wds_caption_in_metadata=True))
     recs = all_records(make_reader(cfg))
     assert [(r.key, r.reason, r.captions) for r in recs] == [
         ("k0", None, ["from json"]), ("k1", "missing_image", ["from json"]), ("k2", None, [])]
@@ -84,19 +84,21 @@ def test_table_readers_group_rows_per_image(tmp_path, fmt):
         path.write_text("".join(json.dumps({"path": p, "text": c}) + "\n" for p, c in rows))
     else:
         pq.write_table(pa.table({"path": [p for p, _ in rows], "text": [c for _, c in rows]}), path)
-    reader = make_reader(ReaderConfig([str(path)], fmt, image_column="path", caption_column="text"))
+    options = ReaderOptions(image_column="path", caption_column="text")
+    reader = make_reader(ReaderConfig([str(path)], fmt, options))
     recs = all_records(reader)
     assert [(r.key, r.captions) for r in recs] == [("img/0", ["first", "third"]), ("img/1", ["second"])]
     assert recs[0].image == str(tmp_path / "img" / "0.jpg")
     with pytest.raises(InputError, match=r"no column 'caption'.*path, text"):
-        make_reader(ReaderConfig([str(path)], fmt, image_column="path"))
+        make_reader(ReaderConfig([str(path)], fmt, ReaderOptions(image_column="path")))
 
 
 def test_parquet_with_inline_image_bytes(tmp_path):
     path = tmp_path / "inline.parquet"
     pq.write_table(pa.table({"image": [{"bytes": image_bytes(0), "path": None}, {"bytes": image_bytes(1), "path": None}],
                              "caption": ["x", "y"]}), path)
-    recs = all_records(make_reader(ReaderConfig([str(path)], "parquet", image_column="image")))
+    cfg = ReaderConfig([str(path)], "parquet", ReaderOptions(image_column="image"))
+    recs = all_records(make_reader(cfg))
     assert [r.image for r in recs] == [image_bytes(0), image_bytes(1)] and [r.key for r in recs] == ["inline/0", "inline/1"]
 
 
@@ -105,7 +107,8 @@ def test_coco_captions_json_encodes_each_image_once(tmp_path):
             "annotations": [{"image_id": 7, "caption": f"cap {i}"} for i in range(5)]
             + [{"image_id": 3, "caption": "b cap"}]}
     (tmp_path / "captions.json").write_text(json.dumps(data))
-    recs = all_records(make_reader(ReaderConfig([str(tmp_path / "captions.json")], "coco", image_root="/imgs")))
+    cfg = ReaderConfig([str(tmp_path / "captions.json")], "coco", ReaderOptions(image_root="/imgs"))
+    recs = all_records(make_reader(cfg))
     assert [(r.key, r.image, len(r.captions)) for r in recs] == [("3", "/imgs/b.jpg", 1), ("7", "/imgs/a.jpg", 5)]
 
 
@@ -114,12 +117,12 @@ def test_karpathy_split_filter(tmp_path):
                "sentences": [{"raw": f"s{i}a"}, {"raw": f"s{i}b"}]}
               for i, s in enumerate(["train", "restval", "val", "test"])]
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
-    cfg = ReaderConfig([str(tmp_path / "dataset_coco.json")], "coco", coco_split="train,restval")
+    cfg = ReaderConfig([str(tmp_path / "dataset_coco.json")], "coco", ReaderOptions(coco_split="train,restval"))
     recs = all_records(make_reader(cfg))
     assert [(r.key, r.captions) for r in recs] == [("0", ["s0a", "s0b"]), ("1", ["s1a", "s1b"])]
     assert recs[0].image == str(tmp_path / "val2014" / "0.jpg")
-    with pytest.raises(InputError, match="no COCO images selected"):
-        make_reader(ReaderConfig([str(tmp_path / "dataset_coco.json")], "coco", coco_split="nope"))
+    with pytest.raises(InputError, match="no image in split 'nope'.*restval, test, train, val.*--coco_split"):
+        make_reader(ReaderConfig([str(tmp_path / "dataset_coco.json")], "coco", ReaderOptions(coco_split="nope")))
 
 
 def test_embeddings_reader(tmp_path):
@@ -151,3 +154,36 @@ def test_bad_arguments_fail_at_once(tmp_path):
     bad.write_text('{"image_path": "a.jpg", "caption": "x"}\nnot json\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2 is not valid JSON"):
         make_reader(ReaderConfig([str(bad)], "jsonl"))
+
+
+def test_reader_flags_parse_to_the_same_options_in_every_cli():
+    from prefixcap import caption_cli, evaluate_cli, preprocess
+    from prefixcap.data.readers import READER_FLAGS
+
+    shared = ["--wds_image_key", "png;jpg", "--image_column", "path", "--caption_column", "text",
+              "--key_column", "id"]
+    captions_from = ["--wds_caption_key", "caps", "--wds_caption_in_metadata"]  # preprocess and evaluate
+    files_from = ["--cache_path", "/tmp/cache", "--image_root", "/imgs", "--coco_split", "test"]  # preprocess, caption
+    pre = preprocess.parse_config(["--input_dataset", "x.tar", *shared, *captions_from, *files_from]).reader
+    parser = caption_cli.build_parser()
+    cap = caption_cli.job_from_args(parser, parser.parse_args(["--model", "m", "x.tar", *shared, *files_from]))
+    ev = evaluate_cli.config_from_args(evaluate_cli.build_parser().parse_args(["--model", "m", *shared, *captions_from]))
+    expected = ReaderOptions(wds_image_key="png;jpg", wds_caption_key="caps", wds_caption_in_metadata=True,
+                             cache_path="/tmp/cache", image_column="path", caption_column="text", key_column="id",
+                             image_root="/imgs", coco_split="test")
+    assert pre == expected
+    assert cap.inputs.reader == ReaderOptions(**{**vars(expected), "wds_caption_key": "txt",
+                                                 "wds_caption_in_metadata": False})
+    assert ev.reader == ReaderOptions(**{**vars(expected), "cache_path": None, "image_root": None, "coco_split": None})
+
+    # Defaults: what each command has always had (caption reads no caption column unless asked).
+    assert preprocess.parse_config(["--input_dataset", "x"]).reader == ReaderOptions()
+    assert evaluate_cli.config_from_args(evaluate_cli.build_parser().parse_args(["--model", "m"])).reader == ReaderOptions()
+    plain = caption_cli.job_from_args(parser, parser.parse_args(["--model", "m", "x"])).inputs.reader
+    assert plain == ReaderOptions(caption_column=None)
+    assert preprocess.parse_config(["--input_dataset", "x", "--wds_caption_in_metadata", "false"]).reader \
+        .wds_caption_in_metadata is False
+    # One help text per flag, wherever it is offered.
+    for build in (preprocess.build_parser, caption_cli.build_parser, evaluate_cli.build_parser):
+        helps = {a.dest: a.help for a in build()._actions if a.dest in READER_FLAGS}
+        assert helps and all(helps[k] == READER_FLAGS[k][1] for k in helps)

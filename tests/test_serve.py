@@ -22,7 +22,8 @@ pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from prefixcap.batching import BatchConfig, DecodeOptions, DynamicBatcher, QueueFull  # noqa: E402
+from prefixcap.batching import BatchConfig, DynamicBatcher, QueueFull  # noqa: E402
+from prefixcap.generation import GenerationSettings  # noqa: E402
 from prefixcap.serve import ServeConfig, background_server, create_app, main  # noqa: E402
 
 
@@ -44,23 +45,24 @@ class FakeCaptioner:
     """
 
     def __init__(self, gate: threading.Event | None = None, poison: tuple | None = None, delay: float = 0.0):
-        self.calls: list[tuple[int, dict]] = []
+        self.calls: list[tuple[int, GenerationSettings]] = []
         self.gate, self.poison, self.delay = gate, poison, delay
         self.entered = threading.Event()
 
-    def caption(self, images, batch_size=32, **options):
+    def caption(self, images, batch_size=32, settings=None):
         assert batch_size >= len(images)  # the batcher asks for its whole batch in one call
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         if self.delay:
             time.sleep(self.delay)
-        self.calls.append((len(images), options))
+        settings = settings or GenerationSettings()
+        self.calls.append((len(images), settings))
         if self.poison is not None and any(im.getpixel((0, 0)) == self.poison for im in images):
             raise RuntimeError("poisoned image")
-        texts = [fake_caption(im) + (f" beams={options['num_beams']}" if options.get("num_beams", 1) > 1 else "")
+        texts = [fake_caption(im) + (f" beams={settings.num_beams}" if settings.num_beams > 1 else "")
                  for im in images]
-        n = options.get("num_return_sequences", 1)
+        n = settings.num_return_sequences
         return texts if n == 1 else [[f"{t} #{j}" for j in range(n)] for t in texts]
 
 
@@ -72,7 +74,7 @@ def config(**overrides) -> ServeConfig:
 @contextmanager
 def fake_client(captioner=None, **overrides):
     captioner = captioner or FakeCaptioner()
-    with TestClient(create_app(captioner, config(**overrides))) as client:
+    with TestClient(create_app(captioner, config(**overrides)), base_url="http://localhost") as client:
         client.captioner = captioner
         yield client
 
@@ -95,8 +97,7 @@ def test_multipart_upload_captions_each_image_with_options():
         assert body["results"][1]["caption"].startswith("10x6 rgb(") and body["results"][1]["caption"].endswith("beams=3")
         assert body["options"]["num_beams"] == 3 and body["options"]["max_new_tokens"] == 12
         # Both images went to the model in one call, with the options passed through.
-        assert c.captioner.calls == [(2, {"num_beams": 3, "max_new_tokens": 12,
-                                          "do_sample": False, "num_return_sequences": 1})]
+        assert c.captioner.calls == [(2, GenerationSettings(num_beams=3, max_new_tokens=12))]
 
 
 def test_json_with_base64_data_url_and_named_objects():
@@ -109,8 +110,8 @@ def test_json_with_base64_data_url_and_named_objects():
         results = r.json()["results"]
         assert [x["name"] for x in results] == ["images[0]", "images[1]", "green.png"]
         assert {x["caption"] for x in results} == {"8x8 rgb(0, 255, 0)"}
-        _, options = c.captioner.calls[0]
-        assert options["do_sample"] is True and options["temperature"] == 0.7 and options["top_p"] == 0.9
+        _, settings = c.captioner.calls[0]
+        assert settings.do_sample is True and settings.temperature == 0.7 and settings.top_p == 0.9
 
 
 def test_several_captions_per_image():
@@ -317,7 +318,7 @@ def test_batcher_groups_by_options_and_batches_concurrent_requests():
         await batcher.start()
         try:
             images = [Image.new("RGB", (4 + i, 4), (i, 0, 0)) for i in range(24)]
-            greedy, beam = DecodeOptions(), DecodeOptions(num_beams=2)
+            greedy, beam = GenerationSettings(), GenerationSettings(num_beams=2)
             jobs = [batcher.submit([im], greedy if i % 2 else beam) for i, im in enumerate(images)]
             results = await asyncio.gather(*jobs)
             with pytest.raises(QueueFull):
@@ -330,7 +331,7 @@ def test_batcher_groups_by_options_and_batches_concurrent_requests():
     for i, (image, result) in enumerate(zip(images, results)):
         assert result == [[fake_caption(image) + ("" if i % 2 else " beams=2")]]
     # Each model call saw one set of options, and 24 requests needed far fewer than 24 calls.
-    assert all(len({o["num_beams"]}) == 1 for _, o in captioner.calls)
+    assert {s.num_beams for _, s in captioner.calls} == {1, 2}
     assert sum(n for n, _ in captioner.calls) == 24
     assert stats.model_calls == len(captioner.calls) <= 6
     assert stats.largest_batch == 8 and stats.rejected_queue_full == 1
@@ -427,11 +428,12 @@ def encode(image: Image.Image) -> bytes:
 def test_model_info_describes_the_real_model(tiny_captioner, tiny_artifact, tiny_clip, tiny_gpt2):
     cfg = config(model=tiny_artifact, max_new_tokens_limit=20)
     cfg.warmup = True
-    with TestClient(create_app(tiny_captioner, cfg)) as c:
+    with TestClient(create_app(tiny_captioner, cfg), base_url="http://localhost") as c:
         info = c.get("/v1/model").json()
-        assert info["model"] == tiny_artifact
-        assert info["encoder"]["name"] == tiny_clip and info["encoder"]["embedding_dim"] == 16
-        assert info["language_model"] == {"name": str(Path(tiny_gpt2).resolve()), "family": "causal"}
+        # Local paths appear by their folder's name only: never the server's file layout.
+        assert info["model"] == Path(tiny_artifact).name
+        assert info["encoder"]["name"] == Path(tiny_clip).name and info["encoder"]["embedding_dim"] == 16
+        assert info["language_model"] == {"name": Path(tiny_gpt2).name, "family": "causal"}
         assert info["prefix_length"] == 4 and info["mapping"]["mapping_type"] == "mlp"
         # The model was trained with max_token_length 128; the server caps the default at its limit.
         assert info["limits"]["default_max_new_tokens"] == 20
@@ -506,31 +508,30 @@ def test_load_many_concurrent_clients_are_batched(tiny_captioner, tiny_artifact)
 
 
 def test_prefixcap_serve_command_loads_the_model_and_serves_it(tiny_artifact, monkeypatch):
-    """`prefixcap serve ...` end to end in this process; only uvicorn.run is replaced, by a
+    """`prefixcap serve ...` end to end in this process; only the uvicorn run is replaced, by a
     loopback server we can stop (a subprocess would spend most of its time importing torch)."""
-    import uvicorn
-
-    from prefixcap import cli
+    from prefixcap import cli, serve_http
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # main() sets it; restore after
     seen = {}
 
-    def fake_run(app, host, port, log_level):
-        seen.update(host=host, port=port)
-        with background_server(app, host=host) as url, httpx.Client(base_url=url, timeout=60) as client:
+    def fake_run(app, config, sock):
+        seen.update(host=config.host, bound=sock.getsockname()[0])  # bound before the model loaded
+        sock.close()
+        with background_server(app, host=config.host) as url, httpx.Client(base_url=url, timeout=60) as client:
             seen["info"] = client.get("/v1/model").json()
             seen["ok"] = client.post("/v1/captions", files={"images": ("a.png", png((32, 32)), "image/png")},
                                      data={"max_new_tokens": "4"})
             seen["bomb"] = client.post("/v1/captions",
                                        files={"images": ("big.png", png((1000, 1000), 0, "L"), "image/png")})
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
-    rc = cli.main(["serve", "--model", tiny_artifact, "--port", "8123", "--max_image_pixels", "500000",
+    monkeypatch.setattr(serve_http, "run_server", fake_run)
+    rc = cli.main(["serve", "--model", tiny_artifact, "--port", "0", "--max_image_pixels", "500000",
                    "--max_batch_size", "4", "--log_level", "warning"])
     assert rc == 0
-    assert seen["host"] == "127.0.0.1" and seen["port"] == 8123
+    assert seen["host"] == "127.0.0.1" and seen["bound"] == "127.0.0.1"
     assert Image.MAX_IMAGE_PIXELS == 500000  # PIL's own bomb check agrees with the flag
-    assert seen["info"]["model"] == tiny_artifact
+    assert seen["info"]["model"] == Path(tiny_artifact).name
     assert seen["info"]["limits"]["max_image_pixels"] == 500000 and seen["info"]["limits"]["max_batch_size"] == 4
     assert seen["ok"].status_code == 200 and isinstance(seen["ok"].json()["results"][0]["caption"], str)
     assert seen["bomb"].status_code == 413

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prefixcap import synthetic
-from prefixcap.synthetic import (
+from prefixcap.demo import synthetic
+from prefixcap.demo.synthetic import (
     Attributes,
     SyntheticConfig,
     attribute_accuracy,

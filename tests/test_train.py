@@ -150,7 +150,7 @@ def test_seed_command_trains(lm, mapping, only_prefix, gpt2_data, t5_data, tmp_p
     out = capsys.readouterr().out
     assert "training on the CPU" in out and "--use_deepspeed needs a GPU" in out
     final = tmp_path / "demo_model_final.ckpt"
-    for name in ("demo_model_latest.ckpt", "demo_model_1.ckpt", "demo_model_final.ckpt", "demo_model_summary.json"):
+    for name in ("demo_model_latest.ckpt", "demo_model_0.ckpt", "demo_model_final.ckpt", "demo_model_summary.json"):
         assert (tmp_path / name).exists(), name
     model = CaptionModel.from_pretrained(final)
     c = model.config
@@ -207,25 +207,24 @@ def test_unknown_flag_is_an_error_but_hf_kwargs_are_accepted(gpt2_data, tmp_path
 @pytest.fixture(scope="module")
 def other_gpt2(tmp_path_factory) -> str:
     """A GPT-2 whose tokenizer has another vocabulary than the dataset's."""
-    from prefixcap.tiny_models import build_tiny_gpt2
+    from prefixcap.demo.tiny_models import build_tiny_gpt2
 
     return str(build_tiny_gpt2(tmp_path_factory.mktemp("other_gpt2"), vocab_size=300))
 
 
-@pytest.mark.parametrize("case", ["prefix_size", "prefix_length", "tokenizer", "family", "positions",
+@pytest.mark.parametrize("case", ["prefix_size", "tokenizer", "family", "positions",
                                   "gpu_devices", "val_fraction", "data_dir"])
 def test_refused_configurations(case, gpt2_data, other_gpt2, tiny_t5, tmp_path, capsys):
     base = ["--data_dir", gpt2_data, "--output_dir", str(tmp_path), "--num_workers", "0", "--batch_size", "8"]
     extra, message = {
         "prefix_size": (["--prefix_size", "512"], "--prefix_size 512 conflicts with the dataset"),
-        "prefix_length": (["--prefix_length", "40"], "--prefix_length 40 differs from the dataset"),
         "tokenizer": (["--language_model", other_gpt2], "different tokenizer"),
         "family": (["--language_model", tiny_t5], "is a seq2seq LM but the dataset"),
         "positions": (["--data_dir", str(make_dataset(tmp_path / "d", other_gpt2, prefix_length=120)),
                        "--language_model", other_gpt2], "exceeds"),
         "gpu_devices": (["--gpu_devices", "first"], "--gpu_devices 'first'"),
         "val_fraction": (["--val_fraction", "1.5"], "--val_fraction must be in [0, 1)"),
-        "data_dir": (["--data_dir", str(tmp_path / "missing")], "manifest.json is missing"),
+        "data_dir": (["--data_dir", str(tmp_path / "missing")], "the folder does not exist"),
     }[case]
     assert main(base + extra) == 2
     err = capsys.readouterr().err

@@ -31,3 +31,15 @@ def positive_int(value: str) -> int:
 
 def non_negative_int(value: str) -> int:
     return _integer(value, 0, "an integer >= 0")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it informs: not to switches (a `--no_x` switch's stored
+    default is the opposite of what it does), not to None defaults, not when the help already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_ = action.help or ""
+        if (action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
+                or "default" in help_ or not action.option_strings):
+            return help_
+        return super()._get_help_string(action)

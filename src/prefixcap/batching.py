@@ -2,7 +2,9 @@
 
 Why this shape: a captioner is much faster per image on a batch than one image at a time, and
 decoding options (beams, sampling, lengths) are arguments of one `generate` call, so only
-requests with identical options can share a batch. All queue state lives on the event loop;
+requests with identical options can share a batch. The group key is the frozen
+`GenerationSettings` itself, normalized so knobs that cannot matter (a temperature without
+sampling) do not split groups. All queue state lives on the event loop;
 the model runs in a single worker thread so the loop keeps accepting and answering requests
 (health checks, 503s, timeouts) while a batch is being decoded.
 """
@@ -17,36 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
+from prefixcap.generation import GenerationSettings
+from prefixcap.pipeline import call_with_fallback
+
 
 class Captioner(Protocol):
     """What the batcher needs from a captioner (prefixcap.caption.Captioner provides it)."""
 
-    def caption(self, images: Sequence[Any], **options: Any) -> list[str] | list[list[str]]:
-        """One caption per image, or a list of captions per image when num_return_sequences > 1.
-
-        `options` are DecodeOptions' fields plus `batch_size`."""
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Decoding options of one request; hashable, because equal options share a batch."""
-
-    num_beams: int = 1
-    max_new_tokens: int = 30
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50  # sampling only; 0 = no top-k filtering
-    top_p: float = 1.0
-    num_return_sequences: int = 1
-
-    def caption_kwargs(self) -> dict[str, Any]:
-        kwargs = asdict(self)
-        if not self.do_sample:
-            # Sampling knobs mean nothing for greedy/beam search; dropping them keeps
-            # `generate` from warning about unused flags on every batch.
-            for name in ("temperature", "top_k", "top_p"):
-                kwargs.pop(name)
-        return kwargs
+    def caption(self, images: Sequence[Any], batch_size: int, settings: GenerationSettings
+                ) -> list[str] | list[list[str]]:
+        """One caption per image, or a list of captions per image when num_return_sequences > 1."""
 
 
 @dataclass
@@ -115,15 +97,15 @@ class BatcherStats:
 @dataclass(eq=False)
 class _Item:
     image: Any  # whatever the captioner's `caption` accepts: PIL image, preprocessed pixels, ...
-    options: DecodeOptions
+    settings: GenerationSettings
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
-    """Queue images, group them by options, and caption each group in batches on one thread.
+    """Queue images, group them by decoding settings, and caption each group in batches on one thread.
 
-    Use inside a running event loop: `await start()`, then `await submit(images, options)` from
+    Use inside a running event loop: `await start()`, then `await submit(images, settings)` from
     any number of concurrent tasks, and `await stop()` at shutdown.
     """
 
@@ -132,7 +114,7 @@ class DynamicBatcher:
         self.config = config or BatchConfig()
         self.stats = BatcherStats()
         # Insertion-ordered: option groups are served oldest-head first, so no group starves.
-        self._groups: dict[DecodeOptions, deque[_Item]] = {}
+        self._groups: dict[GenerationSettings, deque[_Item]] = {}
         self._pending = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -169,9 +151,10 @@ class DynamicBatcher:
             self._executor = None
 
     # --- the public call -----------------------------------------------------------------
-    async def submit(self, images: Sequence[Any], options: DecodeOptions,
+    async def submit(self, images: Sequence[Any], settings: GenerationSettings,
                      timeout_s: float | None = None) -> list[list[str] | Exception]:
-        """Captions for `images` (a list of captions per image), batched with other requests.
+        """Captions for `images` (a list of captions per image), batched with other requests that
+        decode the same way (`settings`, validated by the caller, normalized here).
 
         An image the model failed on gets its exception in place of its captions, so the other
         images of the request keep theirs. Raises QueueFull when the queue has no room for all
@@ -187,8 +170,9 @@ class DynamicBatcher:
             raise QueueFull(f"the captioning queue is full ({self._pending}/{cfg.max_queue} images waiting); "
                             "retry later", self.retry_after())
         loop = asyncio.get_running_loop()
-        items = [_Item(image, options, loop.create_future()) for image in images]
-        self._groups.setdefault(options, deque()).extend(items)
+        key = settings.normalized()
+        items = [_Item(image, key, loop.create_future()) for image in images]
+        self._groups.setdefault(key, deque()).extend(items)
         self._set_pending(self._pending + len(items))
         self.stats.requests += 1
         self.stats.images += len(items)
@@ -222,7 +206,7 @@ class DynamicBatcher:
 
     def _forget(self, items: list[_Item]) -> None:
         """Drop items still queued (their request gave up); items already taken are not here."""
-        group = self._groups.get(items[0].options) if items else None
+        group = self._groups.get(items[0].settings) if items else None
         if not group:
             return
         removed = 0
@@ -235,9 +219,9 @@ class DynamicBatcher:
         if removed:
             self._set_pending(self._pending - removed)
             if not group:
-                del self._groups[items[0].options]
+                del self._groups[items[0].settings]
 
-    def _oldest_group(self) -> DecodeOptions | None:
+    def _oldest_group(self) -> GenerationSettings | None:
         heads = [(group[0].enqueued, key) for key, group in self._groups.items() if group]
         return min(heads, key=lambda h: h[0])[1] if heads else None
 
@@ -284,27 +268,15 @@ class DynamicBatcher:
     def _caption_batch(self, batch: list[_Item]) -> list[list[str] | Exception]:
         """Runs on the model thread. One call for the batch; if it fails, one call per image,
         so an image the model cannot handle fails alone, not its batch-mates."""
-        options = batch[0].options
-        images = [it.image for it in batch]
-        try:
-            return self._timed_call(images, options)
-        except Exception as exc:  # noqa: BLE001 - reported per image below
-            if len(batch) == 1:
-                self.stats.model_errors += 1
-                return [exc]
-        out: list[list[str] | Exception] = []
-        for image in images:
-            try:
-                out.extend(self._timed_call([image], options))
-            except Exception as exc:  # noqa: BLE001
-                self.stats.model_errors += 1
-                out.append(exc)
+        settings = batch[0].settings
+        out = call_with_fallback(lambda images: self._timed_call(images, settings), [it.image for it in batch])
+        self.stats.model_errors += sum(isinstance(r, Exception) for r in out)
         return out
 
-    def _timed_call(self, images: list[Any], options: DecodeOptions) -> list[list[str]]:
+    def _timed_call(self, images: list[Any], settings: GenerationSettings) -> list[list[str]]:
         start = time.perf_counter()
         try:
-            raw = self.captioner.caption(images, batch_size=len(images), **options.caption_kwargs())
+            raw = self.captioner.caption(images, batch_size=len(images), settings=settings)
         finally:
             self.stats.model_calls += 1
             self.stats.model_seconds += time.perf_counter() - start

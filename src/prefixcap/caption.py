@@ -9,84 +9,29 @@ comes for free. The only Python work per token is what `generate` itself does.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from prefixcap.data.decode import SKIP_REASONS, decode_image
-from prefixcap.encoders import ImageEncoder, load_encoder, to_rgb
+from prefixcap.data.images import ImageInputError, load_image
+from prefixcap.encoders import ImageEncoder, load_encoder
+from prefixcap.generation import GenerationSettings
 from prefixcap.model import CaptionConfig, CaptionModel
 
 logger = logging.getLogger(__name__)
 
 # What `caption` accepts for one image.
 ImageInput = str | os.PathLike | bytes | bytearray | Image.Image | np.ndarray | torch.Tensor
-
-
-class ImageInputError(ValueError):
-    """An input that cannot be decoded or preprocessed into the encoder's pixels."""
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding options, passed on to the LM's `generate` (same names and meanings).
-
-    `max_new_tokens=None` means the longest caption the model saw in training (its config's
-    max_token_length), capped by the LM's context length.
-    """
-
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0  # sampling only
-    top_k: int = 50  # sampling only; 0 disables
-    top_p: float = 1.0  # sampling only
-    repetition_penalty: float = 1.0
-    length_penalty: float = 1.0  # beam search only: score = sum log p / length ** length_penalty
-    max_new_tokens: int | None = None
-    num_return_sequences: int = 1
-
-    def validate(self) -> GenerationSettings:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.num_return_sequences < 1:
-            raise ValueError(f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
-            raise ValueError(
-                f"num_return_sequences={self.num_return_sequences} needs num_beams >= "
-                f"{self.num_return_sequences} (or do_sample=True): greedy/beam search can only return "
-                "as many distinct captions as it keeps beams"
-            )
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        return self
-
-    @classmethod
-    def split_kwargs(cls, base: GenerationSettings | None, kwargs: dict[str, Any]
-                     ) -> tuple[GenerationSettings, dict[str, Any]]:
-        """Settings = base overridden by the kwargs naming its fields; the rest goes to `generate` verbatim."""
-        names = {f.name for f in fields(cls)}
-        values = asdict(base) if base is not None else {}
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        extra = {k: v for k, v in kwargs.items() if k not in names}
-        return cls(**values).validate(), extra
 
 
 @dataclass
@@ -119,7 +64,6 @@ class Captioner:
         self._lock = threading.RLock()  # one generate at a time: concurrent callers queue here
         self._threads = num_decode_threads or min(8, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
-        self._prefetcher: ThreadPoolExecutor | None = None
         self._pools_lock = threading.Lock()
         self.is_seq2seq = self.config.lm_family == "seq2seq"
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -163,22 +107,20 @@ class Captioner:
     # --- images -> pixels -> embeddings ------------------------------------------------------
     def preprocess(self, image: ImageInput) -> np.ndarray:
         """One input -> the encoder's (3, H, W) float32 pixels, exactly as the preprocess stage does it."""
-        if isinstance(image, (torch.Tensor, np.ndarray)):
-            arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else image
-            if arr.dtype != np.uint8:
-                # A float array is already-preprocessed pixels (what `preprocessor()` returns).
-                if arr.ndim != 3 or arr.shape[0] != 3:
-                    raise ImageInputError(
-                        f"a float tensor input must be preprocessed pixels of shape (3, H, W), got "
-                        f"{tuple(arr.shape)}; pass raw images as uint8 (H, W, 3) / (3, H, W) or PIL images"
-                    )
-                return np.ascontiguousarray(arr, dtype=np.float32)
-            image = _uint8_to_pil(arr)
-        elif not isinstance(image, Image.Image):
-            image = decode_input(image)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            # A float array is already-preprocessed pixels (what `preprocessor()` returns).
+            if image.ndim != 3 or image.shape[0] != 3:
+                raise ImageInputError(
+                    f"a float tensor input must be preprocessed pixels of shape (3, H, W), got "
+                    f"{tuple(image.shape)}; pass raw images as uint8 (H, W, 3) / (3, H, W) or PIL images"
+                )
+            return np.ascontiguousarray(image, dtype=np.float32)
+        image = load_image(image)  # path, bytes, file, PIL image or uint8 array -> upright RGB
         if self._preprocess is None:
-            self._preprocess = self.encoder.preprocessor()
-        return self._preprocess(to_rgb(image))
+            self._preprocess = self.encoder.preprocessor()  # crops extreme aspect ratios before resizing
+        return self._preprocess(image)
 
     def _map(self, fn: Callable, items: Sequence) -> list:
         # PIL decoding/resizing releases the GIL, so a few threads keep the accelerator fed.
@@ -221,19 +163,12 @@ class Captioner:
                                    "prefix; using %d", max_new, ctx, k, ctx - k)
                 max_new = ctx - k
         kwargs: dict[str, Any] = {
+            **settings.generate_kwargs(),
             "max_new_tokens": max_new,
-            "num_beams": settings.num_beams,
-            "num_return_sequences": settings.num_return_sequences,
-            "do_sample": settings.do_sample,
-            "repetition_penalty": settings.repetition_penalty,
             "eos_token_id": self.eos_token_id,  # training appends exactly this token to every caption
             "pad_token_id": self.pad_token_id,
             "use_cache": True,
         }
-        if settings.do_sample:
-            kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
-        if settings.num_beams > 1:
-            kwargs.update(length_penalty=settings.length_penalty)
         if return_scores:
             kwargs.update(return_dict_in_generate=True, output_scores=True)
         return kwargs
@@ -242,7 +177,8 @@ class Captioner:
     def generate(self, embeddings: torch.Tensor | np.ndarray, settings: GenerationSettings | None = None,
                  return_scores: bool = False, **generate_kwargs: Any) -> GenerationOutput:
         """One batch of CLIP embeddings (B, C) -> generated token ids; the core of every caption call."""
-        settings = settings or self.settings
+        # Validated here too: settings built by hand reach generate without any other check.
+        settings = (settings or self.settings).validate()
         emb = torch.as_tensor(embeddings).to(self.device)
         if emb.ndim != 2 or emb.shape[1] != self.config.mapping.prefix_size:
             raise ValueError(f"embeddings must have shape (B, {self.config.mapping.prefix_size}), "
@@ -256,6 +192,7 @@ class Captioner:
             prefix = self.model.prefix(emb)  # (B, K, D)
             attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)  # (B, K)
             # Every prefix has exactly K positions, so no padding (left or right) is ever needed.
+            kwargs.update(self._shared_prefix_cache(prefix, attention, kwargs))
             out = self.model.lm.generate(inputs_embeds=prefix, attention_mask=attention, **kwargs)
         sequences = out.sequences if return_scores else out  # (B*n, T)
         if self.is_seq2seq:
@@ -265,6 +202,47 @@ class Captioner:
         scores = _sequence_scores(self.model.lm, out, lengths, settings) if return_scores else None
         return GenerationOutput(tokens=tokens, scores=scores)
 
+    # `generate` keywords that bring their own cache or prefill (or may change the number of copies
+    # per input behind our back): with any of them, `generate` prefills as usual.
+    _OWN_PREFILL_KWARGS = frozenset({"cache", "past_key_values", "cache_implementation", "prefill_chunk_size",
+                                     "generation_config", "assistant_model", "prompt_lookup_num_tokens",
+                                     "custom_generate"})
+
+    def _shared_prefix_cache(self, prefix: torch.Tensor, attention: torch.Tensor,
+                             kwargs: dict[str, Any]) -> dict[str, Any]:
+        """{cache keyword: the KV cache of the first K-1 prefix positions}, computed once per input and
+        repeated for each of its beams / returned sequences; {} where `generate` should prefill by itself.
+
+        `generate` repeats its inputs num_beams (or num_return_sequences) times *before* the prefill,
+        so without this the K prefix positions of an input go through the LM once per beam (at beam
+        5, K=10 and 20 tokens that is about a third of the LM's work). Given a cache holding K-1
+        positions, `generate` runs only the last prefix position per copy: it needs at least one
+        position to produce the first logits. The copies of an input are identical until the first
+        token, so the result is the same decoding (tokens equal; scores equal to float rounding,
+        since the matrix shapes differ). Causal LMs only: a seq2seq `generate` runs the encoder
+        before repeating its outputs, and each copy's decoder starts from one start token.
+        """
+        lm = self.model.lm
+        config = lm.generation_config
+        copies = max(kwargs.get("num_beams", config.num_beams or 1),
+                     kwargs.get("num_return_sequences", config.num_return_sequences or 1))
+        if (self.is_seq2seq or copies <= 1 or prefix.shape[1] < 2 or self._OWN_PREFILL_KWARGS & kwargs.keys()
+                or getattr(config, "cache_implementation", None) is not None
+                or not getattr(lm, "_supports_default_dynamic_cache", lambda: False)()):
+            return {}
+        from transformers import DynamicCache
+
+        # transformers 5.x renamed the forward's `past_key_values` to `cache`; generate takes either.
+        name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+        # The cache generate itself would build (layer types, sliding windows from the config).
+        cache = DynamicCache(config=lm.config.get_text_config(decoder=True))
+        head_only_last = {"logits_to_keep": 1} if lm._supports_logits_to_keep() else {}  # logits unused
+        lm(inputs_embeds=prefix[:, :-1], attention_mask=attention[:, :-1], use_cache=True,
+           **{name: cache}, **head_only_last)
+        cache.batch_repeat_interleave(copies)  # (B, ...) -> (B*copies, ...), each input's copies adjacent
+        return {name: cache}
+
     def decode(self, tokens: list[list[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
@@ -273,96 +251,58 @@ class Captioner:
                            progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
         """CLIP embeddings (N, C) -> N captions (list[str], or list[list[str]] when
         num_return_sequences > 1); with return_scores, (captions, scores) in the same layout."""
+        from prefixcap.pipeline import generate_captions
+
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
         emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
         if emb.ndim == 1:
             emb = emb[None]
-        texts: list[str] = []
-        scores: list[float] = []
+        outcomes = []
         for start in range(0, emb.shape[0], batch_size):
-            out = self.generate(emb[start:start + batch_size], settings, return_scores, **extra)
-            texts += self.decode(out.tokens)
-            if out.scores is not None:
-                scores += out.scores
+            outcomes += generate_captions(self, emb[start:start + batch_size], settings, return_scores, **extra)
             if progress is not None:
                 progress(min(batch_size, emb.shape[0] - start))
-        return _shape_result(texts, scores if return_scores else None, settings.num_return_sequences)
+        return _shape_result(outcomes, return_scores, settings.num_return_sequences)
 
     def caption(self, images: ImageInput | Iterable[ImageInput], batch_size: int = 32,
                 return_scores: bool = False, settings: GenerationSettings | None = None,
                 progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
         """Images (paths, PIL images, bytes, uint8 arrays, or preprocessed (3,H,W)/(B,3,H,W) float
-        tensors) -> captions, as `caption_embeddings`. A single image gives a one-element list."""
+        tensors) -> captions, as `caption_embeddings`. A single image gives a one-element list.
+        An unreadable image raises ImageInputError naming it (the pipeline module reports it per item instead)."""
+        from prefixcap.pipeline import Item, batch_embeddings, generate_captions, prepared_batches
+
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
-        items = _as_list(images)
-        texts: list[str] = []
-        scores: list[float] = []
-        chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-        # The next batch is decoded in the background while the current one is on the device.
-        upcoming = self._prefetch_pool().submit(self.load_pixels, chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            pixels = upcoming.result()  # (b, 3, H, W)
-            if i + 1 < len(chunks):
-                upcoming = self._prefetch_pool().submit(self.load_pixels, chunks[i + 1])
-            emb = self.encode_pixels(pixels)  # (b, C)
-            out = self.generate(emb, settings, return_scores, **extra)
-            texts += self.decode(out.tokens)
-            if out.scores is not None:
-                scores += out.scores
+        inputs = _as_list(images)
+        items = [Item(str(i), image=image) for i, image in enumerate(inputs)]
+        outcomes = []
+        # The next batches are decoded in the background while the current one is on the device.
+        for batch in prepared_batches(self, items, batch_size, self._prefetch_pool()):
+            bad = next((it for it in batch.items if it.error is not None), None)
+            if bad is not None:
+                raise ImageInputError(f"cannot read image {_describe(bad.image, int(bad.key))}: {bad.error}")
+            indices = list(range(len(batch.items)))
+            outcomes += generate_captions(self, batch_embeddings(self, batch, indices), settings, return_scores,
+                                          **extra)
             if progress is not None:
-                progress(len(chunk))
-        return _shape_result(texts, scores if return_scores else None, settings.num_return_sequences)
+                progress(len(batch.items))
+        return _shape_result(outcomes, return_scores, settings.num_return_sequences)
 
     def _prefetch_pool(self) -> ThreadPoolExecutor:
+        """The decoding threads `caption` prefetches batches with (shared with load_pixels)."""
         with self._pools_lock:
-            if self._prefetcher is None:
-                self._prefetcher = ThreadPoolExecutor(2, thread_name_prefix="prefixcap-prefetch")
-        return self._prefetcher
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefixcap-decode")
+        return self._pool
 
     def close(self) -> None:
         """Stop the decoding threads (they are also stopped at interpreter exit)."""
-        for pool in (self._pool, self._prefetcher):
-            if pool is not None:
-                pool.shutdown(wait=False)
-        self._pool = self._prefetcher = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        self._pool = None
 
 
 # --- helpers -------------------------------------------------------------------------------
-def read_bytes(source: Any) -> bytes:
-    """A path, bytes or binary file object -> the encoded image bytes."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source)
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            return Path(source).read_bytes()
-        except FileNotFoundError:
-            raise ImageInputError(f"missing_image: image file not found: {os.fspath(source)}") from None
-        except OSError as err:
-            raise ImageInputError(f"unreadable_image: cannot read {os.fspath(source)}: {err}") from err
-    if hasattr(source, "read"):
-        return source.read()
-    raise ImageInputError(f"unsupported image input of type {type(source).__name__}; expected a path, "
-                          "bytes, a PIL image, a uint8 array or a float (3, H, W) pixel tensor")
-
-
-def decode_input(source: Any) -> Image.Image:
-    """Encoded image -> RGB PIL image through the preprocess stage's decoder (same limits, same fixes)."""
-    decoded = decode_image(read_bytes(source))
-    if decoded.image is None:
-        raise ImageInputError(f"{decoded.reason}: {SKIP_REASONS.get(decoded.reason, decoded.reason)}")
-    return decoded.image
-
-
-def _uint8_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
-        arr = arr.transpose(1, 2, 0)  # (C, H, W) torch layout -> (H, W, C)
-    if arr.ndim == 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim not in (2, 3):
-        raise ImageInputError(f"a uint8 image array must be (H, W), (H, W, C) or (C, H, W), got {arr.shape}")
-    return Image.fromarray(np.ascontiguousarray(arr))
-
-
 def _describe(image: Any, index: int) -> str:
     if isinstance(image, (str, os.PathLike)):
         return f"{os.fspath(image)!r} (input {index})"
@@ -411,9 +351,9 @@ def _sequence_scores(lm, out, lengths: list[int], settings: GenerationSettings) 
     return (torch.where(mask, token_logp, 0.0).sum(1) / n).cpu().tolist()
 
 
-def _shape_result(texts: list[str], scores: list[float] | None, n: int):
-    if n > 1:
-        texts = [texts[i:i + n] for i in range(0, len(texts), n)]
-        if scores is not None:
-            scores = [scores[i:i + n] for i in range(0, len(scores), n)]
-    return (texts, scores) if scores is not None else texts
+def _shape_result(outcomes: list[tuple[list[str], list[float] | None]], return_scores: bool, n: int):
+    """Per-input (captions, scores) -> captions (a list per input when n > 1), plus scores with return_scores."""
+    texts: list = [c if n > 1 else c[0] for c, _ in outcomes]
+    if not return_scores:
+        return texts
+    return texts, [s if n > 1 else s[0] for _, s in outcomes]

@@ -12,9 +12,9 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("prefixcap.preprocess", "encode images with CLIP and tokenize captions into shards"),
     "train": ("prefixcap.train", "train the mapping network (and optionally the LM)"),
     "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
-    "evaluate": ("prefixcap.evaluate", "COCO caption metrics and CLIPScore"),
-    "serve": ("prefixcap.serve", "HTTP captioning service with a web page"),
-    "demo": ("prefixcap.demo", "offline end-to-end demo on a synthetic dataset"),
+    "evaluate": ("prefixcap.evaluate_cli", "COCO caption metrics and CLIPScore"),
+    "serve": ("prefixcap.serve_cli", "HTTP captioning service with a web page"),
+    "demo": ("prefixcap.demo.cli", "offline end-to-end demo on a synthetic dataset"),
 }
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+
+from prefixcap.data.images import bound_aspect
 
 # OpenAI CLIP names (as the original ClipCap and the seed use them) -> Hugging Face model ids.
 # Names with no Hugging Face port (the ResNet CLIPs) are only reachable through open_clip.
@@ -52,7 +55,13 @@ def resolve_encoder(name: str) -> EncoderSpec:
             f"{', '.join(list_encoder_aliases())}. For {name} install the open_clip extra "
             f"(pip install 'prefixcap[open_clip]') and use --clip_model 'open_clip:{name}/openai'."
         )
-    if os.path.isdir(name) or "/" in name:
+    if os.path.isdir(name):
+        return EncoderSpec("hf", name, name)
+    if re.fullmatch(r"(ViT-[A-Za-z]+/\d+.*|RN\d+.*)", name):  # an OpenAI-style name, but not a known one
+        raise UnknownEncoderError(
+            f"unknown OpenAI CLIP name {name!r}: the OpenAI names are {', '.join(list_encoder_aliases())} "
+            f"(and {', '.join(OPENAI_WITHOUT_HF)} through open_clip); a Hugging Face id looks like org/name")
+    if "/" in name:
         return EncoderSpec("hf", name, name)
     raise UnknownEncoderError(
         f"unknown CLIP model {name!r}: expected an OpenAI name ({', '.join(list_encoder_aliases())}), "
@@ -90,9 +99,19 @@ class HFPreprocessor:
 
     def __init__(self, processor: Any):
         self.processor = processor
+        # A shortest-edge resize scales the long side along (S x S*aspect pixels): crop extreme
+        # aspect ratios first. A fixed (height, width) resize is bounded already and keeps the
+        # whole picture, squashed, so it must see the whole image.
+        size = getattr(processor, "size", None)  # a dict, or a SizeDict in transformers 5
+        shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        self.bound = shortest is not None
+
+    def fit(self, image: Image.Image) -> Image.Image:
+        """The image as the processor's resize should see it (extreme aspect ratios cropped)."""
+        return bound_aspect(image) if self.bound else image
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        out = self.processor(images=image, return_tensors="np")
+        out = self.processor(images=self.fit(image), return_tensors="np")
         return np.asarray(out["pixel_values"][0], dtype=np.float32)  # (3, H, W)
 
 
@@ -150,9 +169,19 @@ class OpenClipPreprocessor:
 
     def __init__(self, transform: Any):
         self.transform = transform
+        self.bound = _resizes_shortest_edge(transform)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        return self.transform(image).numpy().astype(np.float32)
+        return self.transform(bound_aspect(image) if self.bound else image).numpy().astype(np.float32)
+
+
+def _resizes_shortest_edge(transform: Any) -> bool:
+    """True unless the transform's first Resize squashes to a fixed (h, w) (bounded already)."""
+    for step in getattr(transform, "transforms", [transform]):
+        if type(step).__name__ == "Resize":
+            size = getattr(step, "size", None)
+            return not (isinstance(size, (tuple, list)) and len(size) == 2)
+    return True
 
 
 class OpenClipEncoder:
@@ -196,24 +225,6 @@ def load_encoder(name: str, device: str | torch.device = "cpu", dtype: torch.dty
     """Load an encoder by OpenAI alias, HF id, local folder or 'open_clip:ARCH/PRETRAINED'."""
     spec = resolve_encoder(name)
     return BACKENDS[spec.backend](spec, device=device, dtype=dtype, **hf_kwargs)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode (CMYK, P, LA, RGBA, I;16, animated first frame) to RGB, alpha on white."""
-    if getattr(image, "is_animated", False):
-        image.seek(0)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        peak = arr.max() or 1.0
-        image = Image.fromarray((arr / peak * 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
 
 
 def normalize(embeddings: torch.Tensor) -> torch.Tensor:

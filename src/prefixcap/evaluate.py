@@ -9,25 +9,27 @@ validation) call. Outputs: metrics.json (every figure + the settings), metrics.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from prefixcap import metrics as M
-from prefixcap.argtypes import boolean
+from prefixcap.data.images import IMAGE_EXTENSIONS
+from prefixcap.data.readers import ReaderOptions
+from prefixcap.generation import GenerationSettings
 
 ALL_METRICS = (*M.COCO_METRICS, "clipscore")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_LISTED = 20  # problem keys listed in the report per category (all are counted)
+# The reader flags evaluate offers: --images is the image root and --split the Karpathy split.
+READER_FLAGS = ("wds_image_key", "wds_caption_key", "wds_caption_in_metadata", "image_column", "caption_column",
+                "key_column")
 
 
 class EvaluationError(ValueError):
@@ -57,18 +59,13 @@ class EvaluateConfig:
     spice_timeout_s: float = 3600
     device: str | None = None  # default: cuda when available
     batch_size: int = 32
-    # --model on any input the preprocess stage reads (its readers; same flag names).
+    # --model on any input the preprocess stage reads (its readers; same flag names). --images is
+    # the image root and --split the Karpathy split, so the reader's own image_root / coco_split stay unset.
     input_format: str | None = None  # webdataset | files | parquet | csv | jsonl | coco | embeddings
-    wds_image_key: str = "jpg"
-    wds_caption_key: str = "txt"
-    wds_caption_in_metadata: bool = False
-    image_column: str = "image_path"
-    caption_column: str = "caption"
-    key_column: str | None = None
-    # Decoding (--model mode), passed to Captioner.caption.
-    num_beams: int = 1
-    max_new_tokens: int | None = None
-    generation: dict[str, Any] = field(default_factory=dict)
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    # Decoding (--model mode), passed to Captioner.caption; one caption per image is scored, so
+    # num_return_sequences stays 1.
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -209,39 +206,21 @@ def _clean_refs(captions: Iterable[Any]) -> list[str]:
     return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
 
 
-def _coco_references(data: dict, path: Path) -> References:
-    refs = References({}, "coco")
-    for img in data.get("images", []):
-        key = str(img["id"])
-        refs.captions.setdefault(key, [])
-        if img.get("file_name"):
-            refs.image_files[key] = img["file_name"]
-            refs.add_aliases(key, img["file_name"])
-    for i, ann in enumerate(data["annotations"]):
-        if "image_id" not in ann or "caption" not in ann:
-            raise EvaluationError(f"references {path}: annotation {i} lacks image_id or caption")
-        refs.captions.setdefault(str(ann["image_id"]), []).append(ann["caption"])
-    refs.captions = {k: _clean_refs(v) for k, v in refs.captions.items()}
-    return refs
+def _coco_file_references(data: dict, path: Path, split: str) -> References:
+    """COCO captions json or Karpathy dataset_*.json, keyed exactly as the readers key them (data/coco.py)."""
+    from prefixcap.data.coco import CocoFormatError, is_karpathy, parse_coco, parse_splits
 
-
-def _karpathy_references(data: dict, path: Path, split: str) -> References:
-    wanted = {s.strip() for s in split.split(",") if s.strip()}
-    present = {img.get("split") for img in data["images"]}
-    if not wanted & present:
-        raise EvaluationError(f"references {path}: no image in split {split!r}; the file has splits "
-                              f"{', '.join(sorted(str(s) for s in present))} (choose with --split)")
-    refs = References({}, "karpathy", split=split)
-    for img in data["images"]:
-        if img.get("split") not in wanted:
-            continue
-        # COCO results files name images by their COCO id, so that is the key when there is one.
-        key = str(img.get("cocoid", img.get("filename", img.get("imgid"))))
-        refs.captions[key] = _clean_refs(s.get("raw", " ".join(s.get("tokens", []))) for s in img.get("sentences", []))
-        rel = "/".join(p for p in (img.get("filepath"), img.get("filename")) if p)
-        if rel:
-            refs.image_files[key] = rel
-        refs.add_aliases(key, img.get("filename"), rel)
+    karpathy = is_karpathy(data)
+    try:
+        parsed = parse_coco(data, path, parse_splits(split) if karpathy else None)
+    except CocoFormatError as err:
+        raise EvaluationError(f"references {err}" + (" (choose with --split)" if err.bad_split else "")) from err
+    refs = References({}, parsed.kind, split=split if karpathy else None)
+    for img in parsed.images:
+        refs.captions.setdefault(img.key, []).extend(_clean_refs(img.captions))
+        if img.file:
+            refs.image_files[img.key] = img.file
+        refs.add_aliases(img.key, *img.aliases)
     return refs
 
 
@@ -301,11 +280,10 @@ def load_references(path: str | os.PathLike, split: str = "test") -> References:
     is_json, data = _json_document(path, "references file")
     if not is_json:
         return _jsonl_references(path)
-    if isinstance(data, dict) and "annotations" in data:
-        return _coco_references(data, path)
-    if isinstance(data, dict) and isinstance(data.get("images"), list) and data["images"] \
-            and "sentences" in data["images"][0]:
-        return _karpathy_references(data, path, split)
+    from prefixcap.data.coco import is_coco_captions, is_karpathy
+
+    if is_coco_captions(data) or is_karpathy(data):
+        return _coco_file_references(data, path, split)
     if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
         return References({str(k): _clean_refs(v) for k, v in data.items()}, "mapping")
     raise EvaluationError(f"references {path}: expected COCO captions ({{images, annotations}}), a Karpathy "
@@ -322,7 +300,7 @@ def image_paths(refs: References, root: str | os.PathLike, keys: Iterable[str]) 
         if key in refs.image_files:
             rel = refs.image_files[key]
             candidates += [root / rel, root / Path(rel).name]
-        candidates += [root / key] + [root / f"{key}{s}" for s in IMAGE_SUFFIXES]
+        candidates += [root / key] + [root / f"{key}{s}" for s in IMAGE_EXTENSIONS]
         for c in candidates:
             if c.is_file():
                 found[key] = str(c)
@@ -358,6 +336,139 @@ def _load_clip(clip_model: Any, device: str) -> Any:
     return load_encoder(clip_model, device=device)
 
 
+PROBLEM_MESSAGES = {
+    "unknown_images": "prediction(s) name images that are not in the references",
+    "no_reference": "image(s) have no reference caption",
+    "empty_predictions": "prediction(s) are empty",
+    "caption_errors": "image(s) could not be captioned",
+}
+
+
+def _find_problems(predictions: Mapping[str, str], references: Mapping[str, list[str]],
+                   prediction_errors: Mapping[str, str]) -> dict[str, list[str]]:
+    """Keys of each kind of bad input (all counted; unknown and unreferenced images are not scored)."""
+    return {
+        "unknown_images": [k for k in predictions if k not in references],
+        "no_reference": [k for k in predictions if k in references and not _clean_refs(references[k])],
+        # a failed caption is counted once, as an error
+        "empty_predictions": [k for k in predictions if k in references and not (predictions[k] or "").strip()
+                              and k not in prediction_errors],
+        "caption_errors": [k for k in prediction_errors if k in predictions],
+    }
+
+
+def _problem_notices(problems: dict[str, list[str]], unpredicted: list[str], num_references: int,
+                     strict: bool) -> list[str]:
+    if strict:
+        for name, keys in problems.items():
+            if keys:
+                raise EvaluationError(f"{len(keys)} {PROBLEM_MESSAGES[name]}: {_listed(keys)} "
+                                      "(run without --strict to count and skip them)")
+    notices = []
+    unknown, no_reference, empty, errors = (problems[k] for k in PROBLEM_MESSAGES)
+    if unknown:
+        notices.append(f"{len(unknown)} prediction(s) name images that are not in the references and are not "
+                       f"scored: {_listed(unknown)}")
+    if no_reference:
+        notices.append(f"{len(no_reference)} image(s) have no reference caption and are not scored: "
+                       f"{_listed(no_reference)}")
+    if empty:
+        notices.append(f"{len(empty)} prediction(s) are empty; they are scored as empty captions (zero): "
+                       f"{_listed(empty)}")
+    if errors:
+        notices.append(f"{len(errors)} image(s) could not be captioned and are scored as "
+                       f"empty captions: {_listed(errors)}")
+    if unpredicted:
+        notices.append(f"{len(unpredicted)} of {num_references} reference images have no prediction "
+                       "(only predicted images are scored, as the COCO evaluation does)")
+    return notices
+
+
+def _per_image_rows(predictions: Mapping[str, str], refs: dict[str, list[str]], problems: dict[str, list[str]],
+                    prediction_errors: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    per_image: dict[str, dict[str, Any]] = {}
+    unknown = set(problems["unknown_images"])
+    for k in predictions:
+        per_image[k] = {"caption": predictions[k]}
+        if k in refs:
+            per_image[k]["references"] = refs[k]
+        else:
+            per_image[k]["skipped"] = "unknown image" if k in unknown else "no reference"
+        if k in prediction_errors:
+            per_image[k]["error"] = prediction_errors[k]
+    return per_image
+
+
+def _coco_figures(wanted: list[str], preds: dict[str, str], refs: dict[str, list[str]], tokenizer: str,
+                  spice_timeout_s: float, figures: dict, per_image: dict, notices: list[str]) -> str | None:
+    """BLEU/METEOR/ROUGE/CIDEr/SPICE into figures and per_image; returns the tokenizer used."""
+    coco = [m for m in wanted if m in M.COCO_METRICS]
+    if not preds:
+        notices.append("nothing to score: no prediction matches an image with references")
+        return None
+    if not coco:
+        return None
+    scores = M.coco_scores(preds, refs, coco, tokenizer=tokenizer, spice_timeout_s=spice_timeout_s)
+    notices += scores.notices
+    figures.update(scores.corpus)
+    for metric in scores.skipped:
+        for col in M.METRIC_COLUMNS[metric]:
+            figures[col] = None
+    for k, s in scores.per_image.items():
+        per_image[k].update(s)
+    return scores.tokenizer
+
+
+def _clip_features(encoder: Any, keys: list[str], images: Mapping[str, Any] | None,
+                   image_embeddings: Mapping[str, Any] | None, batch_size: int, progress: bool
+                   ) -> tuple[list[str], Any]:
+    """(keys with a usable image, their (N, C) CLIP image features): stored embeddings, else encoded images."""
+    if image_embeddings is not None:
+        have = [k for k in keys if k in image_embeddings]
+        feats = np.stack([np.asarray(image_embeddings[k], dtype=np.float32) for k in have]) if have \
+            else np.zeros((0, encoder.embedding_dim), np.float32)  # (N, C)
+        return have, feats
+    listed = [k for k in keys if k in images]
+    feats, ok = M.encode_images(encoder, [images[k] for k in listed], batch_size, progress)
+    have = [k for k, good in zip(listed, ok) if good]
+    return have, (feats[ok.tolist()] if len(listed) else feats)  # (N, C)
+
+
+def _clipscore_figures(clip_model: Any, images: Mapping[str, Any] | None, image_embeddings: Mapping[str, Any] | None,
+                       preds: dict[str, str], refs: dict[str, list[str]], device: str, batch_size: int,
+                       progress: bool, figures: dict, per_image: dict, notices: list[str]
+                       ) -> tuple[dict[str, Any], int]:
+    """CLIPScore/RefCLIPScore into figures and per_image; returns (settings of the CLIP used, images scored)."""
+    figures["CLIPScore"] = figures["RefCLIPScore"] = None
+    keys = list(preds)
+    if clip_model is None:
+        notices.append("CLIPScore skipped: no CLIP model given")
+        return {"used": False}, 0
+    if images is None and image_embeddings is None:
+        notices.append("CLIPScore skipped: no images or image embeddings given")
+        return {"used": False}, 0
+    if not keys:
+        return {"used": False}, 0
+    encoder = _load_clip(clip_model, device)
+    spec = getattr(encoder, "spec", None)
+    clip_info = {"used": True, "model": getattr(spec, "requested", str(clip_model)),
+                 "resolved": getattr(spec, "name", None), "weight": M.CLIPSCORE_WEIGHT, "prefix": M.CLIPSCORE_PREFIX,
+                 "image_source": "embeddings" if image_embeddings is not None else "images"}
+    have, feats = _clip_features(encoder, keys, images, image_embeddings, batch_size, progress)
+    missing = len(keys) - len(have)
+    if missing:
+        notices.append(f"CLIPScore: {missing} of {len(keys)} scored images have no readable image and are "
+                       "left out of CLIPScore")
+    if have:
+        cs = M.clip_scores(encoder, feats, [preds[k] for k in have], [refs[k] for k in have],
+                           batch_size=batch_size, progress=progress)
+        figures.update(cs.summary())
+        for i, k in enumerate(have):
+            per_image[k]["CLIPScore"] = float(cs.clip_score[i])
+            per_image[k]["RefCLIPScore"] = float(cs.ref_clip_score[i])
+    return clip_info, len(have)
+
+
 def evaluate_predictions(
     predictions: Mapping[str, str],
     references: Mapping[str, list[str]],
@@ -389,129 +500,33 @@ def evaluate_predictions(
     if unknown_metrics:
         raise EvaluationError(f"unknown metric(s) {unknown_metrics}; expected some of {', '.join(ALL_METRICS)}")
     prediction_errors = dict(prediction_errors or {})
-    notices: list[str] = []
-    per_image: dict[str, dict[str, Any]] = {}
-
-    unknown = [k for k in predictions if k not in references]
-    no_reference = [k for k in predictions if k in references and not _clean_refs(references[k])]
-    empty = [k for k in predictions if k in references and not (predictions[k] or "").strip()
-             and k not in prediction_errors]  # a failed caption is counted once, as an error
+    problems = _find_problems(predictions, references, prediction_errors)
     unpredicted = [k for k in references if k not in predictions]
-    problems = {"unknown_images": unknown, "no_reference": no_reference, "empty_predictions": empty,
-                "caption_errors": [k for k in prediction_errors if k in predictions]}
-    if strict:
-        messages = {
-            "unknown_images": "prediction(s) name images that are not in the references",
-            "no_reference": "image(s) have no reference caption",
-            "empty_predictions": "prediction(s) are empty",
-            "caption_errors": "image(s) could not be captioned",
-        }
-        for name, keys in problems.items():
-            if keys:
-                raise EvaluationError(f"{len(keys)} {messages[name]}: {_listed(keys)} "
-                                      "(run without --strict to count and skip them)")
-    if unknown:
-        notices.append(f"{len(unknown)} prediction(s) name images that are not in the references and are not "
-                       f"scored: {_listed(unknown)}")
-    if no_reference:
-        notices.append(f"{len(no_reference)} image(s) have no reference caption and are not scored: "
-                       f"{_listed(no_reference)}")
-    if empty:
-        notices.append(f"{len(empty)} prediction(s) are empty; they are scored as empty captions (zero): "
-                       f"{_listed(empty)}")
-    if problems["caption_errors"]:
-        notices.append(f"{len(problems['caption_errors'])} image(s) could not be captioned and are scored as "
-                       f"empty captions: {_listed(problems['caption_errors'])}")
-    if unpredicted:
-        notices.append(f"{len(unpredicted)} of {len(references)} reference images have no prediction "
-                       "(only predicted images are scored, as the COCO evaluation does)")
+    notices = _problem_notices(problems, unpredicted, len(references), strict)
 
-    skip = set(unknown) | set(no_reference)
+    skip = set(problems["unknown_images"]) | set(problems["no_reference"])
     keys = [k for k in predictions if k not in skip]
     preds = {k: (predictions[k] or "").strip() for k in keys}
     refs = {k: _clean_refs(references[k]) for k in keys}
-    for k in predictions:
-        per_image[k] = {"caption": predictions[k]}
-        if k in skip:
-            per_image[k]["skipped"] = "unknown image" if k in unknown else "no reference"
-        else:
-            per_image[k]["references"] = refs[k]
-        if k in prediction_errors:
-            per_image[k]["error"] = prediction_errors[k]
-
+    per_image = _per_image_rows(predictions, refs, problems, prediction_errors)
     figures: dict[str, float | None] = {}
-    coco = [m for m in wanted if m in M.COCO_METRICS]
-    tokenizer_used = None
-    if coco and keys:
-        scores = M.coco_scores(preds, refs, coco, tokenizer=tokenizer, spice_timeout_s=spice_timeout_s)
-        tokenizer_used = scores.tokenizer
-        notices += scores.notices
-        figures.update(scores.corpus)
-        for metric, reason in scores.skipped.items():
-            for col in M.METRIC_COLUMNS[metric]:
-                figures[col] = None
-        for k, s in scores.per_image.items():
-            per_image[k].update(s)
-    elif not keys:
-        notices.append("nothing to score: no prediction matches an image with references")
-
-    clip_info: dict[str, Any] = {"used": False}
-    clip_count = 0
+    tokenizer_used = _coco_figures(wanted, preds, refs, tokenizer, spice_timeout_s, figures, per_image, notices)
+    clip_info, clip_count = {"used": False}, 0
     if "clipscore" in wanted:
-        figures["CLIPScore"] = figures["RefCLIPScore"] = None
-        if clip_model is None:
-            notices.append("CLIPScore skipped: no CLIP model given")
-        elif images is None and image_embeddings is None:
-            notices.append("CLIPScore skipped: no images or image embeddings given")
-        elif keys:
-            encoder = _load_clip(clip_model, device)
-            clip_info = {"used": True, "model": getattr(getattr(encoder, "spec", None), "requested", str(clip_model)),
-                         "resolved": getattr(getattr(encoder, "spec", None), "name", None),
-                         "weight": M.CLIPSCORE_WEIGHT, "prefix": M.CLIPSCORE_PREFIX,
-                         "image_source": "embeddings" if image_embeddings is not None else "images"}
-            if image_embeddings is not None:
-                have = [k for k in keys if k in image_embeddings]
-                feats = np.stack([np.asarray(image_embeddings[k], dtype=np.float32) for k in have]) if have \
-                    else np.zeros((0, encoder.embedding_dim), np.float32)  # (N, C)
-            else:
-                listed = [k for k in keys if k in images]
-                feats, ok = M.encode_images(encoder, [images[k] for k in listed], batch_size, progress)
-                have = [k for k, good in zip(listed, ok) if good]
-                feats = feats[ok.tolist()] if len(listed) else feats  # (N, C)
-            missing = len(keys) - len(have)
-            if missing:
-                notices.append(f"CLIPScore: {missing} of {len(keys)} scored images have no readable image and are "
-                               "left out of CLIPScore")
-            if have:
-                cs = M.clip_scores(encoder, feats, [preds[k] for k in have], [refs[k] for k in have],
-                                   batch_size=batch_size, progress=progress)
-                figures.update(cs.summary())
-                for i, k in enumerate(have):
-                    per_image[k]["CLIPScore"] = float(cs.clip_score[i])
-                    per_image[k]["RefCLIPScore"] = float(cs.ref_clip_score[i])
-            clip_count = len(have)
-
-    diversity = M.diversity_stats([preds[k] for k in keys])
-    figures.update(diversity)
+        clip_info, clip_count = _clipscore_figures(clip_model, images, image_embeddings, preds, refs, device,
+                                                   batch_size, progress, figures, per_image, notices)
+    figures.update(M.diversity_stats([preds[k] for k in keys]))
     counts = {
         "predictions": len(predictions),
         "scored": len(keys),
         "reference_images": len(references),
         "references_per_scored_image": float(np.mean([len(refs[k]) for k in keys])) if keys else 0.0,
-        "unknown_images": len(unknown),
-        "no_reference": len(no_reference),
-        "empty_predictions": len(empty),
-        "caption_errors": len(problems["caption_errors"]),
+        **{name: len(problems[name]) for name in PROBLEM_MESSAGES},
         "reference_images_without_prediction": len(unpredicted),
         "clipscore_images": clip_count,
     }
-    settings = {
-        "metrics": wanted,
-        "tokenizer": tokenizer_used,
-        "java": M.java_version(),
-        "clip": clip_info,
-        "strict": strict,
-    }
+    settings = {"metrics": wanted, "tokenizer": tokenizer_used, "java": M.java_version(), "clip": clip_info,
+                "strict": strict}
     return _json_safe({
         "metrics": figures,
         "counts": counts,
@@ -596,129 +611,132 @@ def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, name
 # ------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------
-def _generate(cfg: EvaluateConfig, cap: Any, refs: References, keys: list[str], kwargs: dict[str, Any]
-              ) -> Predictions:
-    """--model mode on a references-style dataset: caption its images (or its stored CLIP embeddings)."""
+def _pipeline_options(cfg: EvaluateConfig) -> Any:
+    from prefixcap.pipeline import PipelineOptions
+
+    return PipelineOptions(batch_size=cfg.batch_size, settings=cfg.generation)
+
+
+def _record(preds: Predictions, results: Iterable[Any]) -> None:
+    """Pipeline results -> predictions: the best caption per image, or "" and the image's error."""
+    for r in results:
+        preds.captions[r.key] = r.caption
+        if r.error is not None:
+            preds.errors[r.key] = r.error
+
+
+def _caption_items(cfg: EvaluateConfig, cap: Any, items: Iterable[Any], total: int | None,
+                   on_batch: Any = None) -> Predictions:
+    """Run the captioning pipeline over items (with a progress bar); on_batch(results) sees every batch."""
     from tqdm.auto import tqdm
 
+    from prefixcap.pipeline import EmbeddingWidthError, caption_batches
+
     preds = Predictions({})
-    with tqdm(total=len(keys), desc="captioning", unit="img") as bar:
-        if refs.embeddings is not None:
-            source = "embeddings"
-            if refs.embedding_model and _resolved(refs.embedding_model) != _resolved(cap.config.clip_model):
-                raise EvaluationError(
-                    f"dataset {cfg.dataset} holds {refs.embedding_model!r} embeddings but model {cfg.model} "
-                    f"was trained on {cap.config.clip_model!r} ones")
-            emb = np.stack([refs.embeddings[k] for k in keys]) if keys else np.zeros((0, 1), np.float32)  # (N, C)
-            texts = cap.caption_embeddings(emb, batch_size=cfg.batch_size, progress=bar.update, **kwargs)
-            preds.captions = dict(zip(keys, texts))
-        else:
-            source = "images"
-            if not cfg.images:
-                raise EvaluationError(f"--model with dataset {cfg.dataset} needs --images DIR (the folder the "
-                                      "dataset's image file names are relative to)")
-            paths = image_paths(refs, cfg.images, keys)
-            for k in keys:
-                if k not in paths:
-                    preds.captions[k], preds.errors[k] = "", f"image not found under {cfg.images}"
-            todo = [k for k in keys if k in paths]
-            for start in range(0, len(todo), cfg.batch_size):
-                chunk = todo[start:start + cfg.batch_size]
-                _caption_batch(cap, [paths[k] for k in chunk], chunk, preds, kwargs)
-                bar.update(len(chunk))
-            preds.captions = {k: preds.captions[k] for k in keys}  # dataset order
+    try:
+        with tqdm(total=total, desc="captioning", unit="img") as bar:
+            for results in caption_batches(cap, items, _pipeline_options(cfg)):
+                _record(preds, results)
+                if on_batch is not None:
+                    on_batch(results)
+                bar.update(len(results))
+    except EmbeddingWidthError as err:
+        raise EvaluationError(f"dataset {cfg.dataset}: {err}") from err
+    return preds
+
+
+def _image_root(cfg: EvaluateConfig) -> str | None:
+    """--images, else (--input_format coco) the json's folder, as the readers do."""
+    if cfg.images or cfg.input_format != "coco":
+        return cfg.images
+    return str(Path(cfg.dataset or cfg.references).parent)
+
+
+def _generate(cfg: EvaluateConfig, cap: Any, refs: References, keys: list[str]) -> Predictions:
+    """--model mode on a references-style dataset: caption its images (or its stored CLIP embeddings)."""
+    from prefixcap.pipeline import Item
+
+    if refs.embeddings is not None:
+        if refs.embedding_model and _resolved(refs.embedding_model) != _resolved(cap.config.clip_model):
+            raise EvaluationError(
+                f"dataset {cfg.dataset} holds {refs.embedding_model!r} embeddings but model {cfg.model} "
+                f"was trained on {cap.config.clip_model!r} ones")
+        items = [Item(k, embedding=refs.embeddings[k]) for k in keys]
+        source = "embeddings"
+    else:
+        root = _image_root(cfg)
+        if not root:
+            raise EvaluationError(f"--model with dataset {cfg.dataset} needs --images DIR (the folder the "
+                                  "dataset's image file names are relative to)")
+        paths = image_paths(refs, root, keys)
+        items = [Item(k, image=paths[k]) if k in paths else Item(k, error=f"image not found under {root}")
+                 for k in keys]
+        source = "images"
+    preds = _caption_items(cfg, cap, items, len(items))
     preds.source = source
     return preds
 
 
-def _caption_batch(cap: Any, items: list[Any], keys: list[str], preds: Predictions, kwargs: dict[str, Any]) -> None:
-    """Caption one batch; if one image is unreadable, caption the others one by one and record it."""
-    try:
-        preds.captions.update(zip(keys, cap.caption(items, batch_size=len(items), **kwargs)))
-        return
-    except ValueError:
-        pass
-    for key, item in zip(keys, items):
-        try:
-            preds.captions[key] = cap.caption([item], **kwargs)[0]
-        except ValueError as err:
-            preds.captions[key], preds.errors[key] = "", str(err)
+def _reader_options(cfg: EvaluateConfig) -> Any:
+    """The dataset's reader options: --images is the image root; evaluate reads every sample (no split)."""
+    from dataclasses import replace
+
+    return replace(cfg.reader, image_root=cfg.reader.image_root or cfg.images)
 
 
-def _generate_from_reader(cfg: EvaluateConfig, cap: Any, encoder: Any, kwargs: dict[str, Any]
-                          ) -> tuple[Predictions, References]:
+def _reader_items(reader: Any, refs: References, limit: int | None) -> Iterator[Any]:
+    """Items of a reader's dataset in order, one per image; every row's captions join refs as it is read."""
+    from prefixcap.data.decode import decode_caption
+    from prefixcap.pipeline import Item
+
+    for unit in range(len(reader.units())):
+        for record in reader.records(unit):
+            captions = [t for t, _ in map(decode_caption, record.captions) if t]
+            if record.key in refs.captions:  # a later row of an image already read: one more reference
+                refs.captions[record.key].extend(captions)
+                continue
+            if limit and len(refs.captions) >= limit:
+                return
+            refs.captions[record.key] = captions
+            if record.embedding is not None:
+                yield Item(record.key, embedding=record.embedding)
+            elif record.image is None or record.reason:
+                yield Item(record.key, error=f"no image ({record.reason or 'missing_image'})")
+            else:
+                yield Item(record.key, image=record.image)
+
+
+def _generate_from_reader(cfg: EvaluateConfig, cap: Any, encoder: Any) -> tuple[Predictions, References]:
     """--model with --input_format: read the evaluation set with the preprocess stage's readers.
 
     Captions and (for CLIPScore) CLIP image embeddings are computed batch by batch while reading,
     so no image is held in memory longer than its batch.
     """
-    from tqdm.auto import tqdm
-
-    from prefixcap.data.decode import decode_caption
     from prefixcap.data.readers import InputError, ReaderConfig, make_reader
 
     try:
-        reader = make_reader(ReaderConfig(
-            inputs=[cfg.dataset], input_format=cfg.input_format, wds_image_key=cfg.wds_image_key,
-            wds_caption_key=cfg.wds_caption_key, wds_caption_in_metadata=cfg.wds_caption_in_metadata,
-            image_column=cfg.image_column, caption_column=cfg.caption_column, key_column=cfg.key_column,
-            image_root=cfg.images, coco_split=cfg.split if cfg.input_format == "coco" else None))
+        reader = make_reader(ReaderConfig([cfg.dataset], cfg.input_format, _reader_options(cfg)))
     except InputError as err:
         raise EvaluationError(str(err)) from err
     refs = References({}, f"reader:{cfg.input_format}", embeddings={} if encoder is not None else None,
                       embedding_model=getattr(getattr(encoder, "spec", None), "requested", None))
-    preds = Predictions({})
-    batch: list[tuple[str, Any]] = []
 
-    def flush() -> None:
-        images = [(k, x) for k, x in batch if not isinstance(x, np.ndarray)]
-        embs = [(k, x) for k, x in batch if isinstance(x, np.ndarray)]
-        if images:
-            _caption_batch(cap, [x for _, x in images], [k for k, _ in images], preds, kwargs)
-            if encoder is not None:
-                ok_items = [(k, x) for k, x in images if k not in preds.errors]
-                feats, ok = M.encode_images(encoder, [x for _, x in ok_items])  # (b, C)
-                for (k, _), f, good in zip(ok_items, feats.numpy(), ok):
-                    if good:
-                        refs.embeddings[k] = f
-        if embs:
-            texts = cap.caption_embeddings(np.stack([x for _, x in embs]), batch_size=len(embs), **kwargs)
-            preds.captions.update(zip([k for k, _ in embs], texts))
-        bar.update(len(batch))
-        batch.clear()
+    def clip_embed(results: list[Any]) -> None:  # CLIPScore's own CLIP, on the images just captioned
+        ok = [r for r in results if r.error is None and r.item.image is not None]
+        if encoder is not None and ok:
+            feats, good = M.encode_images(encoder, [r.item.image for r in ok])  # (b, C)
+            refs.embeddings.update((r.key, f) for r, f, g in zip(ok, feats.numpy(), good) if g)
 
-    with tqdm(desc="captioning", unit="img", total=cfg.limit) as bar:
-        for unit in range(len(reader.units())):
-            for record in reader.records(unit):
-                captions = [t for t, _ in map(decode_caption, record.captions) if t]
-                if record.key in refs.captions:  # a later row of an image already read: one more reference
-                    refs.captions[record.key].extend(captions)
-                    continue
-                if cfg.limit and len(refs.captions) >= cfg.limit:
-                    break
-                refs.captions[record.key] = captions
-                if record.embedding is not None:
-                    batch.append((record.key, np.asarray(record.embedding, dtype=np.float32)))
-                elif record.image is None or record.reason:
-                    preds.captions[record.key] = ""
-                    preds.errors[record.key] = f"no image ({record.reason or 'missing_image'})"
-                    bar.update(1)
-                else:
-                    batch.append((record.key, record.image))
-                if len(batch) >= cfg.batch_size:
-                    flush()
-            if cfg.limit and len(refs.captions) >= cfg.limit:
-                break
-        if batch:
-            flush()
+    preds = _caption_items(cfg, cap, _reader_items(reader, refs, cfg.limit), cfg.limit, clip_embed)
     preds.captions = {k: preds.captions[k] for k in refs.captions}  # reader order
+    preds.source = "reader"
     if refs.embeddings is not None and not refs.embeddings:
         refs.embeddings = None
     return preds, refs
 
 
-def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Load (or generate) predictions, score them, write the reports; returns the result."""
+# --- run(): its steps, in order -------------------------------------------------------------
+def _check_config(cfg: EvaluateConfig) -> None:
     if bool(cfg.predictions) == bool(cfg.model):
         raise EvaluationError("give either --predictions FILE (score existing captions) or --model PATH "
                               "(generate them first), not both or neither")
@@ -732,94 +750,106 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.input_format and not cfg.model:
         raise EvaluationError("--input_format reads a --dataset for --model; with --predictions give "
                               "--references instead")
-    if cfg.device is None:
-        import torch
-
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    started = time.time()
-    use_reader = bool(cfg.model and cfg.input_format)
-    refs = None if use_reader else load_references(cfg.dataset or cfg.references, cfg.split)
-    preds = load_predictions(cfg.predictions) if cfg.predictions else None
-    kwargs = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, **cfg.generation)
     if cfg.model:
-        from prefixcap.caption import GenerationSettings
-
         try:
-            GenerationSettings.split_kwargs(None, kwargs)
+            cfg.generation.validate()
         except ValueError as err:
             raise EvaluationError(f"decoding flags: {err}") from err
-    notices: list[str] = []
+        if cfg.generation.num_return_sequences != 1:
+            raise EvaluationError(f"decoding: num_return_sequences={cfg.generation.num_return_sequences}, but "
+                                  "evaluate scores one caption per image (use 1)")
 
-    # Load CLIPScore's CLIP before any long work, so a bad --clip_model fails at once.
-    encoder = None
+
+def _uses_reader(cfg: EvaluateConfig) -> bool:
+    # A COCO / Karpathy json is read as references (the same parser as the coco reader), which
+    # also honours --split; every other --input_format goes through the readers.
+    return bool(cfg.model and cfg.input_format and cfg.input_format != "coco")
+
+
+def _clipscore_encoder(cfg: EvaluateConfig, refs: References | None) -> Any:
+    """CLIPScore's CLIP, loaded before any long work so a bad --clip_model fails at once; None when unused."""
     # Stored embeddings serve CLIPScore only when they come from the CLIPScore model itself.
     embeddings_match = bool(refs is not None and refs.embeddings is not None and refs.embedding_model
                             and _resolved(refs.embedding_model) == _resolved(cfg.clip_model))
-    want_clip = "clipscore" in cfg.metrics and bool(use_reader or cfg.images or embeddings_match)
-    if want_clip:
-        if _looks_like_path(cfg.clip_model) and not os.path.exists(cfg.clip_model):
-            raise EvaluationError(f"--clip_model {cfg.clip_model}: no such folder (give a local CLIP folder, an "
-                                  "OpenAI name such as ViT-B/32, or leave CLIPScore out with --no_clipscore)")
-        try:
-            encoder = _load_clip(cfg.clip_model, cfg.device)
-        except (ValueError, OSError) as err:
-            raise EvaluationError(f"cannot load the CLIPScore model {cfg.clip_model!r}: {err} (give a local CLIP "
-                                  "folder with --clip_model, or leave CLIPScore out with --no_clipscore)") from err
+    if "clipscore" not in cfg.metrics or not (_uses_reader(cfg) or _image_root(cfg) or embeddings_match):
+        return None
+    if _looks_like_path(cfg.clip_model) and not os.path.exists(cfg.clip_model):
+        raise EvaluationError(f"--clip_model {cfg.clip_model}: no such folder (give a local CLIP folder, an "
+                              "OpenAI name such as ViT-B/32, or leave CLIPScore out with --no_clipscore)")
+    try:
+        return _load_clip(cfg.clip_model, cfg.device)
+    except (ValueError, OSError) as err:
+        raise EvaluationError(f"cannot load the CLIPScore model {cfg.clip_model!r}: {err} (give a local CLIP "
+                              "folder with --clip_model, or leave CLIPScore out with --no_clipscore)") from err
 
-    generation_info: dict[str, Any] = {}
-    if cfg.model:
-        from prefixcap.caption import Captioner
 
-        try:
-            cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
-        except (OSError, ValueError) as err:
-            raise EvaluationError(f"cannot load the model {cfg.model}: {err}") from err
-        if use_reader:
-            preds, refs = _generate_from_reader(cfg, cap, encoder, kwargs)
-            preds.source = "reader"
+def _model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
+                       ) -> tuple[Predictions, References, dict[str, Any]]:
+    """--model mode: caption the dataset; returns predictions, references and what generated them."""
+    from prefixcap.caption import Captioner
+
+    try:
+        cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"cannot load the model {cfg.model}: {err}") from err
+    try:
+        if _uses_reader(cfg):
+            preds, refs = _generate_from_reader(cfg, cap, encoder)
         else:
             keys = list(refs.captions)[: cfg.limit] if cfg.limit else list(refs.captions)
-            preds = _generate(cfg, cap, refs, keys, kwargs)
-        generation_info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model,
-                           "language_model": cap.config.language_model, "decoding": kwargs,
-                           "caption_input": preds.source, "input_format": cfg.input_format}
+            preds = _generate(cfg, cap, refs, keys)
+    finally:
         cap.close()
-    else:
-        if cfg.limit:
-            preds.captions = dict(list(preds.captions.items())[: cfg.limit])
-        # Predictions may name images by file name where the references use ids (or the reverse).
-        renamed = {}
-        for key in list(preds.captions):
-            target = refs.resolve(key)
-            if target and target != key and target not in preds.captions:
-                renamed[key] = target
-        if renamed:
-            preds.captions = {renamed.get(k, k): v for k, v in preds.captions.items()}
-            preds.errors = {renamed.get(k, k): v for k, v in preds.errors.items()}
-            notices.append(f"{len(renamed)} prediction key(s) matched to references by file name")
-    if preds.duplicates:
-        if cfg.strict:
-            raise EvaluationError(f"{len(preds.duplicates)} image(s) have more than one prediction: "
-                                  f"{_listed(preds.duplicates)} (run without --strict to score the first one)")
-        notices.append(f"{len(preds.duplicates)} duplicate prediction(s) ignored (the first one per image is "
-                       f"scored): {_listed(preds.duplicates)}")
+    info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model,
+            "language_model": cap.config.language_model, "decoding": asdict(cfg.generation),
+            "caption_input": preds.source, "input_format": cfg.input_format}
+    return preds, refs, info
 
-    images = embeddings = None
-    metrics = list(cfg.metrics)
-    clip_skipped = None
-    if "clipscore" in metrics:
-        if refs.embeddings is not None and encoder is not None and _same_clip(refs.embedding_model, encoder):
-            embeddings = refs.embeddings
-        elif cfg.images:
-            images = image_paths(refs, cfg.images, [k for k in preds.captions if k in refs.captions])
-        elif refs.embeddings is not None:
-            clip_skipped = (f"CLIPScore skipped: the dataset's embeddings come from {refs.embedding_model!r}, not "
+
+def _match_keys(preds: Predictions, refs: References, notices: list[str]) -> None:
+    """Predictions may name images by file name where the references use ids (or the reverse)."""
+    renamed = {}
+    for key in list(preds.captions):
+        target = refs.resolve(key)
+        if target and target != key and target not in preds.captions:
+            renamed[key] = target
+    if renamed:
+        preds.captions = {renamed.get(k, k): v for k, v in preds.captions.items()}
+        preds.errors = {renamed.get(k, k): v for k, v in preds.errors.items()}
+        notices.append(f"{len(renamed)} prediction key(s) matched to references by file name")
+
+
+def _note_duplicates(cfg: EvaluateConfig, preds: Predictions, notices: list[str]) -> None:
+    if not preds.duplicates:
+        return
+    if cfg.strict:
+        raise EvaluationError(f"{len(preds.duplicates)} image(s) have more than one prediction: "
+                              f"{_listed(preds.duplicates)} (run without --strict to score the first one)")
+    notices.append(f"{len(preds.duplicates)} duplicate prediction(s) ignored (the first one per image is "
+                   f"scored): {_listed(preds.duplicates)}")
+
+
+def _clipscore_inputs(cfg: EvaluateConfig, preds: Predictions, refs: References, encoder: Any
+                      ) -> tuple[Any, Any, str | None]:
+    """(images, embeddings, why CLIPScore is skipped): stored embeddings of the same CLIP, else image files."""
+    if "clipscore" not in cfg.metrics:
+        return None, None, None
+    if refs.embeddings is not None and encoder is not None and _same_clip(refs.embedding_model, encoder):
+        return None, refs.embeddings, None
+    root = _image_root(cfg)
+    if root:
+        return image_paths(refs, root, [k for k in preds.captions if k in refs.captions]), None, None
+    if refs.embeddings is not None:
+        return None, None, (f"CLIPScore skipped: the dataset's embeddings come from {refs.embedding_model!r}, not "
                             f"{cfg.clip_model!r}; give --images DIR, or --clip_model {refs.embedding_model}")
-        else:
-            clip_skipped = ("CLIPScore skipped: no images; give --images DIR (the folder the references' image "
-                            "file names are relative to) or a preprocessed dataset as references")
-        if clip_skipped:
-            metrics.remove("clipscore")
+    return None, None, ("CLIPScore skipped: no images; give --images DIR (the folder the references' image "
+                        "file names are relative to) or a preprocessed dataset as references")
+
+
+def _score(cfg: EvaluateConfig, preds: Predictions, refs: References, encoder: Any, notices: list[str]
+           ) -> dict[str, Any]:
+    images, embeddings, clip_skipped = _clipscore_inputs(cfg, preds, refs, encoder)
+    metrics = [m for m in cfg.metrics if not (clip_skipped and m == "clipscore")]
     result = evaluate_predictions(
         preds.captions, refs.captions, images=images, image_embeddings=embeddings, clip_model=encoder,
         metrics=metrics, strict=cfg.strict, tokenizer=cfg.tokenizer, device=cfg.device,
@@ -831,9 +861,13 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         result["settings"]["clip"]["image_source"] = f"images read with --input_format {cfg.input_format}"
     result["notices"] = notices + result["notices"]
     result["counts"]["duplicate_predictions"] = len(preds.duplicates)
-    name = cfg.name or Path(cfg.model or cfg.predictions).name
-    result["settings"].update({
-        "name": name,
+    return result
+
+
+def _run_settings(cfg: EvaluateConfig, refs: References, generation_info: dict[str, Any], started: float
+                  ) -> dict[str, Any]:
+    return {
+        "name": cfg.name or Path(cfg.model or cfg.predictions).name,
         "predictions": cfg.predictions,
         "references": cfg.references,
         "dataset": cfg.dataset,
@@ -845,8 +879,31 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         "prefixcap_version": _version(),
         "pycocoevalcap_version": _dist_version("pycocoevalcap"),
         "seconds": round(time.time() - started, 2),
-    })
-    paths = write_outputs(result, cfg.output_dir, name)
+    }
+
+
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Load (or generate) predictions, score them, write the reports; returns the result."""
+    _check_config(cfg)
+    from prefixcap.devices import resolve_device
+
+    cfg.device = resolve_device(cfg.device, "prefixcap evaluate")  # cuda without CUDA: cpu, with a notice
+    started = time.time()
+    refs = None if _uses_reader(cfg) else load_references(cfg.dataset or cfg.references, cfg.split)
+    preds = load_predictions(cfg.predictions) if cfg.predictions else None
+    notices: list[str] = []
+    encoder = _clipscore_encoder(cfg, refs)
+    generation_info: dict[str, Any] = {}
+    if cfg.model:
+        preds, refs, generation_info = _model_predictions(cfg, refs, encoder)
+    else:
+        if cfg.limit:
+            preds.captions = dict(list(preds.captions.items())[: cfg.limit])
+        _match_keys(preds, refs, notices)
+    _note_duplicates(cfg, preds, notices)
+    result = _score(cfg, preds, refs, encoder, notices)
+    result["settings"].update(_run_settings(cfg, refs, generation_info, started))
+    paths = write_outputs(result, cfg.output_dir, result["settings"]["name"])
     result["outputs"] = {k: str(v) for k, v in paths.items()}
     return result
 
@@ -886,102 +943,3 @@ def _dist_version(dist: str) -> str | None:
         return version(dist)
     except PackageNotFoundError:
         return None
-
-
-# Decoding flags passed through to Captioner (GenerationSettings) only when given.
-GENERATION_FLAGS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty")
-
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="prefixcap evaluate",
-        description="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE), CLIPScore/RefCLIPScore and "
-                    "diversity, for a predictions file or a model's captions.")
-    src = p.add_argument_group("what to score")
-    src.add_argument("--predictions", help="JSONL from `prefixcap caption` ({key, caption}) or COCO results json "
-                                           "[{image_id, caption}]")
-    src.add_argument("--references", help="COCO captions json, Karpathy dataset_*.json, preprocessed dataset "
-                                          "folder, or JSONL {key, captions}")
-    src.add_argument("--model", help="a trained prefixcap model folder: caption --dataset first, then score")
-    src.add_argument("--dataset", help="evaluation set for --model (same formats as --references)")
-    src.add_argument("--split", default="test", help="Karpathy split(s), comma-separated (default: test)")
-    src.add_argument("--images", help="image folder (the COCO root for Karpathy files): CLIPScore, and --model "
-                                      "on a json dataset")
-    src.add_argument("--limit", type=int, help="evaluate only the first N images")
-    r = p.add_argument_group("--model on any input the preprocess stage reads (same flags as preprocess)")
-    r.add_argument("--input_format", help="read --dataset with the preprocess readers: webdataset, files, parquet, "
-                                          "csv, jsonl, coco or embeddings (several captions per image are grouped)")
-    r.add_argument("--wds_image_key", default="jpg")
-    r.add_argument("--wds_caption_key", default="txt")
-    r.add_argument("--wds_caption_in_metadata", type=boolean, nargs="?", const=True, default=False,
-                   help="captions are a field (--wds_caption_key) of each sample's json")
-    r.add_argument("--image_column", default="image_path")
-    r.add_argument("--caption_column", default="caption")
-    r.add_argument("--key_column", default=None)
-    m = p.add_argument_group("metrics")
-    m.add_argument("--metrics", default=",".join(ALL_METRICS),
-                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
-    m.add_argument("--no_clipscore", action="store_true", help="leave CLIPScore/RefCLIPScore out")
-    m.add_argument("--no_spice", action="store_true", help="leave SPICE out (it is slow)")
-    m.add_argument("--clip_model", default="ViT-B/32",
-                   help="CLIP for CLIPScore: OpenAI name, HF id or local folder (default ViT-B/32, as Hessel et al.)")
-    m.add_argument("--tokenizer", choices=("auto", "ptb", "simple"), default="auto",
-                   help="ptb = pycocoevalcap's Stanford PTBTokenizer (needs Java; comparable with published "
-                        "numbers); simple = Java-free approximation (default: ptb when Java is present)")
-    m.add_argument("--spice_timeout_s", type=float, default=3600)
-    m.add_argument("--strict", action="store_true", help="stop at the first bad input instead of counting it")
-    g = p.add_argument_group("decoding (--model)")
-    g.add_argument("--num_beams", type=int, default=1)
-    g.add_argument("--max_new_tokens", type=int, default=None,
-                   help="default: the longest caption the model saw in training")
-    g.add_argument("--do_sample", action="store_true")
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top_k", type=int, default=None)
-    g.add_argument("--top_p", type=float, default=None)
-    g.add_argument("--repetition_penalty", type=float, default=None)
-    g.add_argument("--length_penalty", type=float, default=None)
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    o = p.add_argument_group("output")
-    o.add_argument("--output_dir", default="evaluation", help="where metrics.json, metrics.md and "
-                                                               "predictions.jsonl go (default: ./evaluation)")
-    o.add_argument("--name", help="row label in the Markdown table (default: the model / predictions file name)")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
-    wanted = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    unknown = [m for m in wanted if m not in ALL_METRICS]
-    if unknown:
-        raise EvaluationError(f"--metrics: unknown metric(s) {unknown}; expected some of {', '.join(ALL_METRICS)}")
-    wanted = tuple(m for m in wanted if not (args.no_clipscore and m == "clipscore")
-                   and not (args.no_spice and m == "spice"))
-    return EvaluateConfig(
-        predictions=args.predictions, references=args.references, model=args.model, dataset=args.dataset,
-        split=args.split, images=args.images, output_dir=args.output_dir, name=args.name, limit=args.limit,
-        metrics=wanted, clip_model=args.clip_model, strict=args.strict, tokenizer=args.tokenizer,
-        spice_timeout_s=args.spice_timeout_s, device=args.device, batch_size=args.batch_size,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, input_format=args.input_format,
-        wds_image_key=args.wds_image_key, wds_caption_key=args.wds_caption_key,
-        wds_caption_in_metadata=args.wds_caption_in_metadata, image_column=args.image_column,
-        caption_column=args.caption_column, key_column=args.key_column,
-        generation={k: getattr(args, k) for k in GENERATION_FLAGS if getattr(args, k) not in (None, False)},
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        result = run(cfg)
-    except (EvaluationError, M.MetricError, OSError) as err:  # OSError names the file it could not read
-        print(f"prefixcap evaluate: error: {err}", file=sys.stderr)
-        return 2
-    print(markdown_report(result, result["settings"]["name"]))
-    print(f"wrote {', '.join(result['outputs'].values())}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

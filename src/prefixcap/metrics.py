@@ -350,15 +350,15 @@ def encode_texts(encoder: Any, texts: Sequence[str], prefix: str = CLIPSCORE_PRE
 def encode_images(encoder: Any, images: Sequence[Any], batch_size: int = 32, progress: bool = False):
     """(N, C) L2-normalised CLIP image embeddings and an (N,) bool mask of images that could be read.
 
-    images: file paths, encoded bytes or PIL images. An unreadable one gives a zero row and False in the mask.
+    images: file paths, encoded bytes or PIL images, decoded by the shared decoder (pixel limit, EXIF
+    orientation, bit depth). An unreadable one gives a zero row and False in the mask.
     """
     import torch
-    from PIL import Image
     from tqdm.auto import tqdm
 
-    from prefixcap.encoders import to_rgb
+    from prefixcap.data.images import ImageInputError, load_image
 
-    preprocess = encoder.preprocessor()
+    preprocess = encoder.preprocessor()  # crops extreme aspect ratios before resizing
     feats = torch.zeros(len(images), encoder.embedding_dim)
     ok = np.zeros(len(images), dtype=bool)
     with tqdm(total=len(images), desc="CLIP images", unit="img", disable=not progress) as bar:
@@ -366,16 +366,9 @@ def encode_images(encoder: Any, images: Sequence[Any], batch_size: int = 32, pro
             pixels, rows = [], []
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    img = images[i]
-                    if isinstance(img, (bytes, bytearray)):
-                        img = io.BytesIO(img)
-                    if not isinstance(img, Image.Image):
-                        with Image.open(img) as opened:
-                            opened.load()
-                            img = to_rgb(opened)
-                    pixels.append(preprocess(to_rgb(img)))  # (3, H, W)
+                    pixels.append(preprocess(load_image(images[i])))  # (3, H, W)
                     rows.append(i)
-                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+                except (ImageInputError, OSError, ValueError):  # unreadable, or the processor refuses it
                     pass  # counted through the mask
             if rows:
                 batch = torch.from_numpy(np.stack(pixels))  # (b, 3, H, W)

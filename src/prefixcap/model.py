@@ -4,8 +4,12 @@ Artifact layout (a folder; `{prefix}_latest.ckpt` checkpoints are such folders):
   config.json            CaptionConfig (+ "artifact": "prefixcap") -- enough to rebuild everything
   mapper.safetensors     the mapping network
   tokenizer/             the LM tokenizer (always stored: small, and it pins the token ids)
-  lm/                    the LM weights, only when the LM was fine-tuned; otherwise the LM is
-                         referenced by `language_model` (hub id or local folder) and loaded frozen
+  lm/                    the LM weights, only when the LM was fine-tuned (or a LoRA adapter merged);
+                         otherwise the LM is referenced by `language_model` (hub id or local folder)
+  lm_adapter/            a LoRA adapter (PEFT's adapter_config.json + adapter_model.safetensors), applied
+                         to the referenced LM on load; only LoRA-trained models have it
+  README.md              the model card (Hub metadata header + config, training data, last evaluation),
+  model_card.json        rendered from the facts in model_card.json and config.json
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from prefixcap.adapters import ADAPTER_DIR, LoraSettings, attach_lora, lora_parameters, merged_copy
 from prefixcap.encoders import normalize
 from prefixcap.language_models import load_language_model, load_tokenizer
 from prefixcap.mapping import MappingConfig, build_mapper
@@ -43,6 +48,7 @@ class CaptionConfig:
     mapping: MappingConfig = field(default_factory=MappingConfig)
     normalize_prefix: bool = False
     only_prefix: bool = False  # LM frozen: its weights are not stored, only referenced
+    lora: LoraSettings | None = None  # LoRA adapters on the LM (base weights frozen, not stored)
     max_token_length: int = 128  # longest caption seen in training (a generation default)
     format_version: int = 1
 
@@ -61,7 +67,13 @@ class CaptionConfig:
         if unknown:
             raise ValueError(f"unknown keys in prefixcap config: {sorted(unknown)}")
         mapping = MappingConfig(**data.pop("mapping", {}))
-        return cls(mapping=mapping, **data)
+        lora = data.pop("lora", None)
+        return cls(mapping=mapping, lora=LoraSettings(**lora) if lora else None, **data)
+
+    @property
+    def lm_mode(self) -> str:
+        """frozen | lora | fine-tuned: what training updates in the LM."""
+        return "frozen" if self.only_prefix else "lora" if self.lora is not None else "fine-tuned"
 
 
 def _lm_width(lm: nn.Module) -> int:
@@ -79,12 +91,22 @@ class CaptionModel(nn.Module):
     """Mapper + LM. `forward(embeddings, tokens, mask)` returns the mean caption-token loss."""
 
     def __init__(self, config: CaptionConfig, lm: nn.Module | None = None, tokenizer=None,
-                 **hf_kwargs: Any):
+                 adapter_path: str | Path | None = None, **hf_kwargs: Any):
         super().__init__()
         self.config = config
+        if config.lora is not None and config.only_prefix:
+            raise ValueError("LoRA trains adapters inside the LM, so it cannot be combined with a frozen LM "
+                             "(only_prefix / --only_prefix)")
         if lm is None:
             lm = load_language_model(config.language_model, config.lm_family, **hf_kwargs)
+        # Kept out of the module tree (plain attribute): the PeftModel wraps the very `lm` below, and
+        # registering both would list every LM weight twice in state_dict().
+        self.__dict__["peft_wrapper"] = None
+        if config.lora is not None:
+            self.__dict__["peft_wrapper"] = attach_lora(lm, config.lora, adapter_path)
         self.lm = lm
+        self.gradient_checkpointing = False
+        self.card_info: dict[str, Any] = {}  # training data / evaluation facts for the model card
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
             config.tokenizer or config.language_model, **hf_kwargs)
         width = _lm_width(lm)
@@ -95,9 +117,12 @@ class CaptionModel(nn.Module):
 
     # --- training mode -------------------------------------------------------------------
     def set_only_prefix(self, only_prefix: bool) -> None:
-        """Freeze (no weight gradients at all, eval mode) or unfreeze the LM."""
+        """Freeze (no weight gradients at all, eval mode) or unfreeze the LM (with LoRA: only its adapters)."""
         self.config.only_prefix = only_prefix
-        self.lm.requires_grad_(not only_prefix)
+        self.lm.requires_grad_(not only_prefix and self.config.lora is None)
+        if self.config.lora is not None and not only_prefix:
+            for p in lora_parameters(self.lm):
+                p.requires_grad_(True)
         if only_prefix:
             self.lm.eval()
 
@@ -105,7 +130,25 @@ class CaptionModel(nn.Module):
         super().train(mode)
         if self.config.only_prefix:
             self.lm.eval()  # a frozen LM never runs dropout
+            if self.gradient_checkpointing:
+                # transformers checkpoints a layer only while that layer is in training mode; flag just the
+                # layer blocks (their dropout and attention submodules stay in eval mode: no dropout).
+                for block in _checkpointed_layers(self.lm):
+                    block.training = mode
         return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LM's layer activations in the backward pass instead of storing them.
+
+        Non-reentrant checkpointing: gradients reach the prefix (and LoRA/LM weights) whether or not the
+        LM's own inputs or weights require grad, so a frozen LM needs no enable_input_require_grads.
+        """
+        enable = getattr(self.lm, "activation_checkpointing_enable", None) or self.lm.gradient_checkpointing_enable
+        if not getattr(self.lm, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing")
+        enable({"use_reentrant": False})
+        self.gradient_checkpointing = True
+        self.train(self.training)
 
     # --- the forward pass ----------------------------------------------------------------
     def prefix(self, embeddings: torch.Tensor) -> torch.Tensor:
@@ -154,8 +197,14 @@ class CaptionModel(nn.Module):
         return out.loss
 
     # --- save / load ---------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the artifact atomically: a crash mid-save leaves any previous artifact loadable."""
+    def save_pretrained(self, path: str | Path, merge_lora: bool = False) -> Path:
+        """Write the artifact atomically: a crash mid-save leaves any previous artifact loadable.
+
+        Frozen LM: no LM weights; LoRA: only the adapter (lm_adapter/), or with merge_lora the LM with
+        the adapter merged into its weights (lm/, loads as a fine-tuned model); fine-tuned: lm/.
+        """
+        from prefixcap.model_card import CARD_DATA, render_card
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -163,11 +212,20 @@ class CaptionModel(nn.Module):
             mapper_state = {k: v.detach().contiguous().cpu() for k, v in self.mapper.state_dict().items()}
             save_file(mapper_state, tmp / MAPPER_WEIGHTS, metadata={"format": "pt"})
             self.tokenizer.save_pretrained(tmp / "tokenizer")
-            if not self.config.only_prefix:
+            config_obj = self.config
+            if self.peft_wrapper is not None and merge_lora:
+                merged_copy(self.peft_wrapper).save_pretrained(tmp / "lm")
+                config_obj = replace(self.config, lora=None)
+            elif self.peft_wrapper is not None:
+                self.peft_wrapper.save_pretrained(tmp / ADAPTER_DIR)
+                (tmp / ADAPTER_DIR / "README.md").unlink(missing_ok=True)  # PEFT's stub card; ours is at the top
+            elif not self.config.only_prefix:
                 self.lm.save_pretrained(tmp / "lm")
-            config = self.config.to_dict()
+            config = config_obj.to_dict()
             config["language_model"] = _portable_reference(self.config.language_model)
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / CARD_DATA).write_text(json.dumps(self.card_info, indent=2, default=str) + "\n")
+            (tmp / "README.md").write_text(render_card(config_obj, self.card_info))
             _swap_into_place(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -179,29 +237,43 @@ class CaptionModel(nn.Module):
                         dtype: torch.dtype | None = None, **hf_kwargs: Any) -> "CaptionModel":
         """Load an artifact folder (or a Hub repo id) with no other argument needed."""
         folder = resolve_artifact(path, **hf_kwargs)
+        from prefixcap.model_card import CARD_DATA
+
         config = CaptionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         tokenizer = load_tokenizer(str(folder / "tokenizer"))
         lm_source = str(folder / "lm") if (folder / "lm").is_dir() else config.language_model
         lm = load_language_model(lm_source, config.lm_family, dtype=dtype, **hf_kwargs)
-        model = cls(config, lm=lm, tokenizer=tokenizer)
+        adapter = None
+        if config.lora is not None:
+            adapter = folder / ADAPTER_DIR
+            if not (adapter / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"{folder} is a LoRA-trained model but {ADAPTER_DIR}/adapter_config.json "
+                                        "is missing")
+        model = cls(config, lm=lm, tokenizer=tokenizer, adapter_path=adapter)
         state = load_file(folder / MAPPER_WEIGHTS)
         model.mapper.load_state_dict(state)
+        if (folder / CARD_DATA).is_file():
+            model.card_info = json.loads((folder / CARD_DATA).read_text())
         if dtype is not None:
             model.mapper.to(dtype)
         if device is not None:
             model.to(device)
         return model.eval()
 
-    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
-        """Upload the artifact folder to the Hugging Face Hub with the standard client."""
-        from huggingface_hub import HfApi
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    merge_lora: bool = False) -> str:
+        """Upload the artifact folder (with its model card) to the Hugging Face Hub with the standard client."""
+        from prefixcap.hub import upload_artifact
 
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(Path(tmp) / "artifact")
-            api.upload_folder(repo_id=repo_id, folder_path=str(Path(tmp) / "artifact"))
-        return repo_id
+            self.save_pretrained(Path(tmp) / "artifact", merge_lora=merge_lora)
+            return upload_artifact(Path(tmp) / "artifact", repo_id, private=private, token=token)
+
+
+def _checkpointed_layers(lm: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def _portable_reference(name: str) -> str:
@@ -221,6 +293,29 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _looks_local(path: str) -> bool:
+    # A Hub id is exactly "org/name"; a .ckpt name, ./ ~/ / prefixes, deeper paths, backslashes or an
+    # existing parent folder mean a local path, whose typo must not turn into a Hub download.
+    parent = os.path.dirname(path)
+    return (path.endswith(".ckpt") or path.startswith((".", "/", "~")) or path.count("/") != 1
+            or "\\" in path or (bool(parent) and os.path.isdir(parent)))
+
+
+def _missing_local(p: Path) -> str:
+    import difflib
+
+    parent = p.parent
+    message = f"local model path {str(p)!r} does not exist"
+    if parent.is_dir():
+        near = difflib.get_close_matches(p.name, sorted(c.name for c in parent.iterdir() if not c.name.startswith(".")),
+                                         n=3, cutoff=0.6)
+        if near:
+            message += f"; did you mean {', '.join(str(parent / n) for n in near)}?"
+    elif str(parent) not in ("", "."):
+        message += f" (its folder {str(parent)!r} does not exist either)"
+    return message
+
+
 def resolve_artifact(path: str | Path, **hf_kwargs: Any) -> Path:
     """A local artifact folder (falling back to a save's `.old` twin), or a Hub repo id downloaded."""
     p = Path(path)
@@ -231,6 +326,8 @@ def resolve_artifact(path: str | Path, **hf_kwargs: Any) -> Path:
         return old
     if p.exists():
         raise FileNotFoundError(f"{p} is not a prefixcap model: {CONFIG_NAME} is missing")
+    if _looks_local(str(path)):
+        raise FileNotFoundError(_missing_local(p))
     if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
         from huggingface_hub import snapshot_download
 

@@ -7,13 +7,16 @@ import hashlib
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from prefixcap.argtypes import boolean, non_negative_int, positive_int
-from prefixcap.data.decode import CONVERSIONS, DEFAULT_MAX_IMAGE_PIXELS, SKIP_REASONS
-from prefixcap.data.readers import READERS, InputError, ReaderConfig, make_reader
+from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
+from prefixcap.data.decode import CONVERSIONS, SKIP_REASONS
+from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from prefixcap.data.readers import (READERS, InputError, ReaderConfig, ReaderOptions, add_reader_args, make_reader,
+                                   reader_options_from_args)
 from prefixcap.data.shards import FORMAT_VERSION
+from prefixcap.devices import resolve_device
 
 PROG = "prefixcap preprocess"
 
@@ -25,13 +28,10 @@ class PreprocessConfig:
     input_dataset: list[str] = field(default_factory=list)
     output_folder: str = "./preprocessed_dataset/"
     input_format: str = "files"
+    reader: ReaderOptions = field(default_factory=ReaderOptions)  # --wds_*, --image_column, --coco_split, ...
     batch_size: int = 256
     num_prepro_workers: int = 8
-    wds_image_key: str = "jpg"
-    wds_caption_key: str = "txt"
-    wds_caption_in_metadata: bool = False
     subset_size: int | None = None
-    cache_path: str | None = None
     clip_model: str = "ViT-B/32"
     tokenizer_model_type: str = "gpt2"
     tokenizer_model_variant: str = "gpt2-xl"
@@ -39,15 +39,11 @@ class PreprocessConfig:
     prefix_length: int = 10
     device: str = "cuda:0"
     # prefixcap's additions
-    image_column: str = "image_path"
-    caption_column: str = "caption"
-    key_column: str | None = None
-    image_root: str | None = None
-    coco_split: str | None = None
     samples_per_shard: int = 10000
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     jpeg_draft: bool = False
     progress: bool = True
+    overwrite: bool = False  # delete the folder's previous dataset (settings, shards, manifest) first
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -56,7 +52,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     d = PreprocessConfig()
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsHelpFormatter)
     io_ = p.add_argument_group("input and output")
     io_.add_argument("--input_dataset", nargs="+", required=True,
                      help='input: brace pattern ("./webdataset/{000..123}.tar"), folder, file(s), URL or pipe:')
@@ -65,18 +61,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     io_.add_argument("--subset_size", type=positive_int, default=None, help="stop after this many input samples")
     io_.add_argument("--samples_per_shard", type=positive_int, default=d.samples_per_shard,
                      help="input samples per output shard (also the unit of resume)")
-    wds = p.add_argument_group("webdataset input")
-    wds.add_argument("--wds_image_key", default=d.wds_image_key, help="image extension(s) in the tars, e.g. jpg;png")
-    wds.add_argument("--wds_caption_key", default=d.wds_caption_key, help="caption extension (or json field)")
-    wds.add_argument("--wds_caption_in_metadata", type=boolean, nargs="?", const=True, default=d.wds_caption_in_metadata,
-                     help="read the caption from the sample's .json under --wds_caption_key")
-    wds.add_argument("--cache_path", default=None, help="webdataset cache folder for remote tars")
-    tab = p.add_argument_group("parquet / csv / jsonl / coco / embeddings input")
-    tab.add_argument("--image_column", default=d.image_column, help="column with the image path (relative to the table) or bytes")
-    tab.add_argument("--caption_column", default=d.caption_column, help="column with the caption (or a list of captions)")
-    tab.add_argument("--key_column", default=None, help="column with a sample key (default: the image path)")
-    tab.add_argument("--image_root", default=None, help="folder image paths are relative to (default: the table's / json's folder)")
-    tab.add_argument("--coco_split", default=None, help="Karpathy split(s) to keep, e.g. train,restval")
+    add_reader_args(p)  # the webdataset and table/coco/embeddings groups
     enc = p.add_argument_group("encoder and tokenizer")
     enc.add_argument("--clip_model", default=d.clip_model,
                      help="OpenAI name (ViT-B/32...), Hugging Face CLIP/SigLIP id, local folder, or open_clip:ARCH/PRETRAINED")
@@ -97,26 +82,38 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--jpeg_draft", action="store_true",
                      help="let the JPEG decoder downscale while decoding (faster, pixels differ slightly)")
     run.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start --output_folder afresh: delete the dataset a previous run left there "
+                          "(settings.json, shards/, progress/, manifest.json) instead of resuming it")
     return p
 
 
 def parse_config(argv: list[str] | None = None, prog: str = PROG) -> PreprocessConfig:
     args = build_parser(prog).parse_args(argv)
-    return PreprocessConfig(**vars(args))
+    reader = reader_options_from_args(args)
+    rest = {k: v for k, v in vars(args).items() if k not in {f.name for f in fields(ReaderOptions)}}
+    return PreprocessConfig(reader=reader, **rest)
 
 
-def resolve_device(requested: str) -> str:
-    """cuda -> cuda:LOCAL_RANK under a launcher; cpu with a notice when CUDA is absent."""
-    import torch
+def clear_output(folder: str) -> int:
+    """--overwrite: delete what preprocess wrote into folder (never other files); returns the entries deleted."""
+    import shutil
+    from pathlib import Path
 
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            print(f"{PROG}: --device {requested!r} requested but CUDA is not available; using cpu", file=sys.stderr)
-            return "cpu"
-        local_rank = os.environ.get("LOCAL_RANK")
-        if local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and requested in {"cuda", "cuda:0"}:
-            return f"cuda:{int(local_rank) % torch.cuda.device_count()}"
-    return requested
+    from prefixcap.data.runner import PROGRESS_DIR
+    from prefixcap.data.shards import MANIFEST, SETTINGS, SHARD_DIR
+
+    removed = 0
+    for name in (MANIFEST, SETTINGS, SHARD_DIR, PROGRESS_DIR):
+        path = Path(folder) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed += 1
+    return removed
 
 
 def _distributed() -> tuple[int, int]:
@@ -135,13 +132,14 @@ def run_preprocess(cfg: PreprocessConfig):
     from prefixcap.language_models import family_of_type, load_tokenizer, tokenizer_fingerprint
 
     rank, world = _distributed()
-    reader_cfg = ReaderConfig(
-        inputs=list(cfg.input_dataset), input_format=cfg.input_format, wds_image_key=cfg.wds_image_key,
-        wds_caption_key=cfg.wds_caption_key, wds_caption_in_metadata=cfg.wds_caption_in_metadata,
-        cache_path=cfg.cache_path, image_column=cfg.image_column, caption_column=cfg.caption_column,
-        key_column=cfg.key_column, image_root=cfg.image_root, coco_split=cfg.coco_split,
-        samples_per_shard=cfg.samples_per_shard,
-    )
+    if not cfg.progress:  # --no_progress hides the weight-loading bars of transformers too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if cfg.overwrite and world > 1:
+        raise InputError("--overwrite deletes the folder the other ranks are writing: run it once without a "
+                         "launcher, or delete the folder, then launch the ranks without --overwrite")
+    reader_cfg = ReaderConfig(list(cfg.input_dataset), cfg.input_format, cfg.reader, cfg.samples_per_shard)
     reader = make_reader(reader_cfg)  # fails at once on a bad path / column / format
     family = family_of_type(cfg.tokenizer_model_type, cfg.tokenizer_model_variant)
     tokenizer = load_tokenizer(cfg.tokenizer_model_variant)
@@ -154,7 +152,7 @@ def run_preprocess(cfg: PreprocessConfig):
     else:
         from prefixcap.encoders import load_encoder
 
-        device = resolve_device(cfg.device)
+        device = resolve_device(cfg.device, PROG)
         encoder = load_encoder(cfg.clip_model, device=device)
         encoder_name, embedding_dim = encoder.spec.name, int(encoder.embedding_dim)
 
@@ -169,8 +167,8 @@ def run_preprocess(cfg: PreprocessConfig):
         "input_format": cfg.input_format, "num_input_units": len(units),
         "input_units_sha256": hashlib.sha256("\n".join(units).encode()).hexdigest(),
         "samples_per_shard": cfg.samples_per_shard, "subset_size": cfg.subset_size,
-        "reader": {k: v for k, v in asdict(reader_cfg).items() if k not in {"inputs", "input_format", "cache_path",
-                                                                           "samples_per_shard"}},
+        # Everything that changes which samples are read and how (the cache folder does not).
+        "reader": {k: v for k, v in asdict(cfg.reader).items() if k != "cache_path"},
         "max_image_pixels": cfg.max_image_pixels, "jpeg_draft": cfg.jpeg_draft,
     }
     header = {
@@ -187,7 +185,14 @@ def run_preprocess(cfg: PreprocessConfig):
         samples_per_shard=cfg.samples_per_shard, subset_size=cfg.subset_size, max_image_pixels=cfg.max_image_pixels,
         jpeg_draft=cfg.jpeg_draft, rank=rank, world_size=world, progress=cfg.progress,
     )
-    return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings, header).run()
+    from prefixcap.locking import output_lock
+
+    # Each rank locks its own file: the ranks of one run write the folder together (disjoint units),
+    # while the same rank of a second run (and any single-process run, rank 0) is refused.
+    with output_lock(cfg.output_folder, PROG, rank=rank, flag="--output_folder"):
+        if cfg.overwrite and clear_output(cfg.output_folder):
+            print(f"{PROG}: --overwrite: deleted the previous dataset in {cfg.output_folder}", file=sys.stderr)
+        return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings, header).run()
 
 
 def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
@@ -211,15 +216,19 @@ def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     cfg = parse_config(argv, prog)
-    from prefixcap.data.runner import SettingsMismatchError
+    from prefixcap.data.runner import NoUsableSamplesError, SettingsMismatchError
     from prefixcap.encoders import UnknownEncoderError
     from prefixcap.language_models import LanguageModelError
+    from prefixcap.locking import OutputLockedError
 
     try:
         summary = run_preprocess(cfg)
     except (InputError, SettingsMismatchError, UnknownEncoderError, LanguageModelError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except (NoUsableSamplesError, OutputLockedError) as err:  # ran, but nothing usable / folder busy
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; complete shards are kept, rerun the same command to resume", file=sys.stderr)
         return 130

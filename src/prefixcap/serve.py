@@ -1,101 +1,70 @@
-"""HTTP captioning service: FastAPI app (captions, health, model info, web page) and `prefixcap serve`.
+"""HTTP captioning service: the FastAPI app (captions, health, model info, web page).
 
 Every bad input is answered with a 4xx and a message naming the image and the limit; an image
-that fails never fails the other images of its request. Memory is bounded by construction:
-request bodies by --max_upload_mb, decoded images by --max_image_pixels times the few decoding
-threads, and queued work by --max_queue preprocessed images (a few hundred KB each).
+that fails never fails the other images of its request, and a 500 (a bug, never the input) comes
+with `Connection: close`. Memory is bounded by construction: request bodies by --max_upload_mb and
+together by --max_inflight_mb (serve_guards), decoded images by --max_image_pixels times the few
+decoding threads, and queued work by --max_queue preprocessed images (a few hundred KB each).
+Running it: serve_http (uvicorn, connection limits and deadlines) and serve_cli (`prefixcap serve`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
 import contextlib
-import io
-import ipaddress
 import json
 import logging
+import math
+import re
 import sys
-import threading
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from prefixcap import __version__
-from prefixcap.batching import (BatchConfig, BatcherClosed, Captioner, DecodeOptions, DynamicBatcher,
-                                QueueFull, RequestTimeout)
-from prefixcap.encoders import to_rgb
+from prefixcap.batching import BatcherClosed, Captioner, DynamicBatcher, QueueFull, RequestTimeout
+from prefixcap.data.images import decode_image
+from prefixcap.serve_config import SAFE_IMAGE_FORMATS, ServeConfig, public_name, redact_paths
+from prefixcap.serve_guards import ApiError, BodyBudget, BodyGuard, HostGuard
+from prefixcap.serve_memory import MemoryTrimmer
+from prefixcap.generation import (FIELD_NAMES, RANGES, GenerationSettings, GenerationSettingsError, expectation,
+                                  field_problem, parse_field)
 
 logger = logging.getLogger(__name__)
 
-# Formats PIL may open for an upload. Deliberately short: PIL can also open EPS (which runs
-# Ghostscript) and many rare formats; a web service has no reason to expose those decoders.
-SAFE_IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
-
-@dataclass
-class ServeConfig:
-    """Everything `prefixcap serve` is configured with; /v1/model reports the limits."""
-
-    model: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "cpu"
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
-    max_image_pixels: int = 25_000_000  # per image, checked from the header before decoding
-    max_images_per_request: int = 16
-    max_num_beams: int = 5
-    max_new_tokens_limit: int = 100
-    default_max_new_tokens: int | None = None  # None: the model's trained caption length (capped)
-    max_return_sequences: int = 5
-    max_temperature: float = 5.0
-    decode_threads: int = 4  # images decoded at once (each may hold max_image_pixels RGB pixels)
-    allow_urls: bool = False
-    url_timeout_s: float = 10.0
-    image_formats: tuple[str, ...] = SAFE_IMAGE_FORMATS
-    warmup: bool = True  # caption one blank image at startup: loads CLIP, first request is not slow
-    log_level: str = "info"
-
-    def limits(self) -> dict[str, Any]:
-        return {
-            "max_upload_bytes": self.max_upload_bytes,
-            "max_image_pixels": self.max_image_pixels,
-            "max_images_per_request": self.max_images_per_request,
-            "max_num_beams": self.max_num_beams,
-            "max_new_tokens": self.max_new_tokens_limit,
-            "max_return_sequences": self.max_return_sequences,
-            "max_temperature": self.max_temperature,
-            "allow_urls": self.allow_urls,
-            "image_formats": list(self.image_formats),
-            **{k: v for k, v in asdict(self.batch).items()},
-        }
-
 
 # --- request / response schemas (documented in the OpenAPI schema) ----------------------------
-class CaptionOptions(BaseModel):
-    """Decoding options; unset ones take the server's defaults. Limits: GET /v1/model."""
+def _options_model() -> type[BaseModel]:
+    """The request's decoding options, one optional field per GenerationSettings field.
 
-    model_config = ConfigDict(extra="forbid")
+    Types are strict for JSON (`"num_beams": "5"`, `5.0` or `true` is a 422, never coerced; an
+    integer is accepted for a float field). Multipart form fields are text, parsed like the CLI
+    flags by `form_options` before this model sees them. Ranges are checked by the one
+    `GenerationSettings.validate()` (then this server's caps) in `resolve_options`.
+    """
+    hints = typing.get_type_hints(GenerationSettings)
+    options = {f.name: (hints[f.name] | None, Field(None, strict=True,
+                                                    description=f"{f.metadata['help']}; {expectation(f.name)}"))
+               for f in fields(GenerationSettings)}
+    return create_model("CaptionOptions", __config__=ConfigDict(extra="forbid"), __module__=__name__,
+                        __doc__="Decoding options; unset ones take the server's defaults. Limits: GET /v1/model.",
+                        **options)
 
-    num_beams: int | None = Field(None, description="1 = greedy; >1 = beam search")
-    max_new_tokens: int | None = Field(None, description="longest caption in tokens")
-    do_sample: bool | None = Field(None, description="sample instead of greedy/beam search")
-    temperature: float | None = Field(None, description="sampling temperature (> 0)")
-    top_k: int | None = Field(None, description="sampling: keep the k most likely tokens (0 = all)")
-    top_p: float | None = Field(None, description="sampling: nucleus probability mass in (0, 1]")
-    num_return_sequences: int | None = Field(None, description="captions per image")
+
+CaptionOptions = _options_model()
 
 
 class ImageSource(BaseModel):
@@ -140,14 +109,6 @@ class ErrorResponse(BaseModel):
 
 
 # --- errors --------------------------------------------------------------------------------
-class ApiError(Exception):
-    """A whole-request error: an HTTP status, a stable code and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers
-
-
 class ImageError(Exception):
     """One image's error; reported in its result while the other images are captioned."""
 
@@ -163,83 +124,31 @@ def _error_response(status: int, code: str, message: str, headers: dict[str, str
     return JSONResponse({"error": {"code": code, "status": status, "message": message}}, status, headers=headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` (413): by Content-Length up front, else while streaming."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = (f"the request body is larger than this server's limit of {self.max_bytes} bytes "
-                   "(--max_upload_mb)")
-        for key, value in scope.get("headers", []):
-            if key == b"content-length":
-                try:
-                    too_large = int(value) > self.max_bytes
-                except ValueError:
-                    too_large = False
-                if too_large:
-                    await _error_response(413, "too_large", message)(scope, receive, send)
-                    return
-        received = 0
-
-        async def limited_receive() -> dict:
-            nonlocal received
-            msg = await receive()
-            if msg["type"] == "http.request":
-                received += len(msg.get("body", b""))
-                if received > self.max_bytes:  # chunked uploads announce no length
-                    raise _BodyTooLarge(message)
-            return msg
-
-        await self.app(scope, limited_receive, send)
-
-
 # --- image decoding --------------------------------------------------------------------------
 def decode_upload(data: bytes, name: str, max_pixels: int,
                   formats: tuple[str, ...] = SAFE_IMAGE_FORMATS) -> Image.Image:
-    """Encoded bytes -> RGB PIL image, or ImageError naming the image and what is wrong with it.
+    """Encoded bytes -> upright RGB PIL image through the shared decoder, or ImageError naming the image.
 
-    Thread-safe (runs in several threads at once), so it neither swaps PIL's global
-    MAX_IMAGE_PIXELS nor installs warning filters: the pixel count is checked explicitly from
-    the header, before any pixel is decoded; PIL's own bomb check (`main` sets its limit to the
-    same value) is a second line of defence whose exception is caught here too.
+    Thread-safe: the pixel limit is checked per call from the header (see data/images.py).
     """
-    if not data:
+    decoded = decode_image(data, max_pixels, formats=formats)
+    if decoded.image is not None:
+        return decoded.image
+    reason = decoded.reason
+    if reason == "empty_file":
         raise ImageError(422, "empty_file", f"{name}: the file is empty")
-    try:
-        image = Image.open(io.BytesIO(data), formats=list(formats))
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageError(413, "too_many_pixels",
-                             f"{name}: {width}x{height} = {width * height} pixels is more than this server's "
-                             f"limit of {max_pixels} (--max_image_pixels; refused as a possible decompression bomb)")
-        if getattr(image, "is_animated", False):
-            image.seek(0)  # first frame
-        image.load()
-        rgb = to_rgb(image)
-        rgb.load()
-        return rgb
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(413, "too_many_pixels", f"{name}: refused as a decompression bomb: {err}") from None
-    except UnidentifiedImageError:
+    if reason == "too_large" and decoded.size and decoded.size[0] * decoded.size[1] > max_pixels:
+        width, height = decoded.size
+        raise ImageError(413, "too_many_pixels",
+                         f"{name}: {width}x{height} = {width * height} pixels is more than this server's "
+                         f"limit of {max_pixels} (--max_image_pixels; refused as a possible decompression bomb)")
+    if reason == "too_large":  # PIL's own check (its global limit, which `main` sets)
+        raise ImageError(413, "too_many_pixels", f"{name}: refused as a decompression bomb: {decoded.detail}")
+    if reason == "not_an_image":
         raise ImageError(415, "not_an_image",
-                         f"{name}: not an image (or not one of the accepted formats: {', '.join(formats)})") from None
-    except OSError as err:
-        code = "truncated_image" if "truncated" in str(err).lower() else "corrupt_image"
-        raise ImageError(422, code, f"{name}: the image data cannot be decoded: {err}") from None
-    except Exception as err:  # noqa: BLE001 - PIL plugins raise many types (SyntaxError, struct.error...)
-        raise ImageError(422, "corrupt_image", f"{name}: the image data cannot be decoded: "
-                                               f"{type(err).__name__}: {err}") from None
+                         f"{name}: not an image (or not one of the accepted formats: {', '.join(formats)})")
+    code = "truncated_image" if reason == "truncated" else "corrupt_image"
+    raise ImageError(422, code, f"{name}: the image data cannot be decoded: {decoded.detail}")
 
 
 def _b64decode(text: str, name: str) -> bytes:
@@ -254,35 +163,42 @@ def _b64decode(text: str, name: str) -> bytes:
 
 
 # --- options -----------------------------------------------------------------------------------
-def resolve_options(given: CaptionOptions, config: ServeConfig, default_max_new_tokens: int) -> DecodeOptions:
-    """Client options + server defaults -> DecodeOptions, or ApiError(422) naming option and limit."""
-    base = DecodeOptions(max_new_tokens=default_max_new_tokens)
-    values = {k: v for k, v in given.model_dump().items() if v is not None}
-    opts = DecodeOptions(**{**asdict(base), **values})
-    problems = []
-
-    def check(ok: bool, text: str) -> None:
-        if not ok:
-            problems.append(text)
-
-    check(1 <= opts.num_beams <= config.max_num_beams,
-          f"num_beams={opts.num_beams} must be between 1 and {config.max_num_beams} (--max_num_beams)")
-    check(1 <= opts.max_new_tokens <= config.max_new_tokens_limit,
-          f"max_new_tokens={opts.max_new_tokens} must be between 1 and {config.max_new_tokens_limit} "
-          "(--max_new_tokens_limit)")
-    check(1 <= opts.num_return_sequences <= config.max_return_sequences,
-          f"num_return_sequences={opts.num_return_sequences} must be between 1 and "
-          f"{config.max_return_sequences} (--max_return_sequences)")
-    check(0 < opts.temperature <= config.max_temperature,
-          f"temperature={opts.temperature} must be in (0, {config.max_temperature}]")
-    check(0 <= opts.top_k <= 10_000, f"top_k={opts.top_k} must be between 0 and 10000")
-    check(0 < opts.top_p <= 1, f"top_p={opts.top_p} must be in (0, 1]")
-    check(opts.do_sample or opts.num_return_sequences <= opts.num_beams,
-          f"num_return_sequences={opts.num_return_sequences} needs num_beams >= {opts.num_return_sequences} "
-          "or do_sample=true (greedy/beam search returns at most one caption per beam)")
+def form_options(raw: dict[str, str]) -> dict[str, Any]:
+    """Multipart option fields (text) -> typed values, as the CLI parses its flags; ApiError(422) naming
+    each field that does not parse. Unknown fields pass through for the schema to name them."""
+    values, problems = {}, []
+    for key, text in raw.items():
+        if key not in FIELD_NAMES:
+            values[key] = text
+            continue
+        try:
+            values[key] = parse_field(key, text)
+        except ValueError as err:
+            problems.append(f"{key}: {err}")
     if problems:
         raise ApiError(422, "bad_option", "; ".join(problems))
-    return opts
+    return values
+
+
+def resolve_options(given: BaseModel, config: ServeConfig, default_max_new_tokens: int) -> GenerationSettings:
+    """Client options over the server's defaults -> validated, normalized GenerationSettings, or
+    ApiError(422) naming each bad option and its allowed range (this server's cap where it is lower)."""
+    server_default = GenerationSettings(max_new_tokens=default_max_new_tokens)
+    settings = replace(server_default, **given.model_dump(exclude_none=True))
+    problems: dict[str, str] = {}
+    try:
+        settings.validate()
+    except GenerationSettingsError as err:
+        problems.update(err.problems)
+    for name, (cap, flag) in config.option_caps().items():
+        # The same check with this server's upper bound; where it fails, its message (naming the
+        # flag that sets the cap) replaces the general one.
+        problem = field_problem(name, getattr(settings, name), replace(RANGES[name], high=cap))
+        if problem is not None:
+            problems[name] = f"{problem} on this server ({flag})"
+    if problems:
+        raise ApiError(422, "bad_option", "; ".join(problems.values()))
+    return settings.normalized()  # requests that decode alike share a batch
 
 
 def _validation_message(err: ValidationError) -> str:
@@ -296,7 +212,14 @@ def _validation_message(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-# --- the app -----------------------------------------------------------------------------------
+# --- request parsing -----------------------------------------------------------------------------
+MAX_JSON_DEPTH = 32  # the request schema nests 3 deep; deeper is an attack on the parser
+MAX_JSON_INT_DIGITS = 18  # any option fits; Python refuses int("1" * 4301) with a ValueError anyway
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPENERS, _CLOSERS = b"[{", b"]}"
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
 @dataclass
 class _Input:
     """One image of a request before decoding."""
@@ -307,25 +230,152 @@ class _Input:
     error: ImageError | None = None
 
 
+class _JSONValueError(ValueError):
+    pass
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (C-speed: strings cut by a regex, then a cumsum)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # fast path: cannot be deeper than the number of openers
+    brackets = np.frombuffer(_JSON_STRING.sub(b'""', raw).translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise _JSONValueError(f"the integer {text[:20]}... has {len(text)} digits; at most {MAX_JSON_INT_DIGITS} "
+                              "are accepted")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JSONValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise _JSONValueError(f"{text} is not valid JSON (NaN and Infinity are not numbers JSON allows)")
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """Request body -> JSON value, or ApiError(400) naming what is wrong: invalid JSON, nesting deeper
+    than MAX_JSON_DEPTH, NaN/Infinity literals, integers of more than MAX_JSON_INT_DIGITS digits or
+    numbers that overflow a float. Never a RecursionError or a ValueError from deep inside `json`."""
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, "bad_json", f"the JSON body nests {depth} levels deep; at most {MAX_JSON_DEPTH} "
+                                        "are accepted")
+    try:
+        return json.loads(raw, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except _JSONValueError as err:
+        raise ApiError(400, "bad_json", f"the body is not acceptable JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, "bad_json", f"the body is not valid JSON: {err}") from None
+
+
+def check_image_count(count: int, config: ServeConfig) -> None:
+    if count > config.max_images_per_request:
+        raise ApiError(413, "too_many_images",
+                       f"{count} images in one request; this server accepts at most "
+                       f"{config.max_images_per_request} (--max_images_per_request)")
+
+
+def _json_image(i: int, entry: Any) -> _Input:
+    """One entry of a JSON 'images' list -> _Input (its own error inside, never raised)."""
+    name = f"images[{i}]"
+    try:
+        if isinstance(entry, str):
+            return _Input(name=name, data=_b64decode(entry, name))
+        src = ImageSource.model_validate(entry)
+        name = src.name or name
+        if (src.data is None) == (src.url is None):
+            raise ImageError(422, "bad_image_entry", f"{name}: give exactly one of 'data' or 'url'")
+        if src.url is not None:
+            return _Input(name=name, url=src.url)
+        return _Input(name=name, data=_b64decode(src.data, name))
+    except ImageError as err:
+        return _Input(name=name, error=err)
+    except ValidationError as err:
+        return _Input(name=name, error=ImageError(422, "bad_image_entry", f"{name}: {_validation_message(err)}"))
+
+
+def json_request(payload: Any, config: ServeConfig) -> tuple[list[_Input], dict[str, Any]]:
+    """A parsed JSON body -> (images, raw options), or ApiError for a body of the wrong shape."""
+    if not isinstance(payload, dict):
+        raise ApiError(422, "bad_request", "the JSON body must be an object with an 'images' list")
+    images = payload.pop("images", None)
+    if not isinstance(images, list):
+        raise ApiError(422, "bad_request", "the JSON body needs 'images': a list of base64 strings or "
+                                           "{\"data\": base64, \"name\": ...} / {\"url\": ...} objects")
+    check_image_count(len(images), config)  # before any base64 is decoded
+    return [_json_image(i, entry) for i, entry in enumerate(images)], payload
+
+
+async def read_multipart(request: Request) -> tuple[list[_Input], dict[str, Any]]:
+    """A multipart body -> (images, option fields parsed like CLI flags)."""
+    inputs: list[_Input] = []
+    raw: dict[str, Any] = {}
+    # Files spool to disk past 1 MB and the body limit bounds them all; the image count is
+    # checked by the caller so that it gets this server's message.
+    async with request.form(max_fields=64, max_part_size=64 * 1024) as form:
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                if key not in CaptionOptions.model_fields and key in ("images", "image", "file", "files"):
+                    raise ApiError(422, "bad_request", f"form field {key!r} is text, not a file: send the "
+                                                       f"image as a file part (curl -F {key}=@photo.jpg)")
+                raw[key] = value
+            else:
+                name = value.filename or f"{key}[{len(inputs)}]"
+                inputs.append(_Input(name=name, data=await value.read()))
+    return inputs, form_options(raw)
+
+
+async def read_caption_request(request: Request, config: ServeConfig) -> tuple[list[_Input], BaseModel]:
+    """POST /v1/captions body (multipart or JSON) -> (images, validated option fields), or ApiError."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        inputs, raw = await read_multipart(request)
+    elif ctype == "application/json":
+        inputs, raw = json_request(parse_json_body(await request.body()), config)
+    else:
+        raise ApiError(415, "unsupported_content_type",
+                       f"Content-Type {ctype or '(none)'!r} is not accepted; send multipart/form-data "
+                       "(image files + option fields) or application/json (base64 images)")
+    if not inputs:
+        raise ApiError(400, "no_images", "the request contains no image (multipart: add file fields; "
+                                         "JSON: a non-empty 'images' list)")
+    check_image_count(len(inputs), config)
+    try:
+        return inputs, CaptionOptions.model_validate(raw)
+    except ValidationError as err:
+        raise ApiError(422, "bad_option", _validation_message(err)) from None
+
+
+# --- the service -------------------------------------------------------------------------------
 def _page() -> str:
     return resources.files("prefixcap").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 def describe_model(captioner: Any, config: ServeConfig) -> dict[str, Any]:
-    """What is loaded, for GET /v1/model: artifact config, encoder, LM and the server's settings."""
+    """What is loaded, for GET /v1/model: artifact config, encoder, LM and the server's settings.
+    Local paths appear by their folder's name only (see serve_config.public_name)."""
     cfg = getattr(captioner, "config", None)
-    artifact = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    artifact = redact_paths(cfg.to_dict() if hasattr(cfg, "to_dict") else {})
     mapping = artifact.get("mapping", {})
-    encoder: dict[str, Any] = {"name": getattr(captioner, "clip_model", artifact.get("clip_model")),
+    encoder: dict[str, Any] = {"name": public_name(getattr(captioner, "clip_model", artifact.get("clip_model"))),
                                "embedding_dim": mapping.get("prefix_size")}
     with contextlib.suppress(Exception):  # encoder loaded by the warm-up; a fake captioner has none
         enc = captioner.encoder
-        encoder.update(backend=enc.spec.backend, source=enc.spec.name, embedding_dim=enc.embedding_dim)
+        encoder.update(backend=enc.spec.backend, source=public_name(enc.spec.name), embedding_dim=enc.embedding_dim)
     return {
-        "model": config.model or type(captioner).__name__,
+        "model": public_name(config.model) or type(captioner).__name__,
         "prefixcap_version": __version__,
         "encoder": encoder,
-        "language_model": {"name": artifact.get("language_model"), "family": artifact.get("lm_family")},
+        "language_model": {"name": public_name(artifact.get("language_model")), "family": artifact.get("lm_family")},
         "mapping": mapping,
         "prefix_length": mapping.get("prefix_length"),
         "normalize_prefix": artifact.get("normalize_prefix"),
@@ -342,254 +392,191 @@ def _default_max_new_tokens(captioner: Any, config: ServeConfig) -> int:
     return min(int(trained), config.max_new_tokens_limit) if trained else min(30, config.max_new_tokens_limit)
 
 
-def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastAPI:
-    """The FastAPI app around any object with `caption(images, **options)`; tests pass a fake one.
+@dataclass
+class Service:
+    """What the routes share (app.state.service): the captioner, its batcher and the settings."""
 
-    If the captioner also has `preprocess(image) -> pixels` (prefixcap's Captioner does), images
-    are preprocessed in the request's thread, so the model thread only runs the networks and a
-    queued image holds a small pixel array instead of a full-size picture.
-    """
-    config = config or ServeConfig()
-    batcher = DynamicBatcher(captioner, config.batch)
-    preprocess = getattr(captioner, "preprocess", None)
-    decode_limiter = anyio.CapacityLimiter(config.decode_threads)
-    default_new_tokens = _default_max_new_tokens(captioner, config)
-    info: dict[str, Any] = {}
+    captioner: Any
+    config: ServeConfig
+    batcher: DynamicBatcher
+    decode_limiter: Any  # anyio.CapacityLimiter: images decoded at once
+    default_new_tokens: int
+    model_name: str  # never a local path
+    info: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        if config.warmup:
-            blank = Image.new("RGB", (64, 64), (127, 127, 127))
-            await anyio.to_thread.run_sync(
-                lambda: captioner.caption([preprocess(blank) if preprocess else blank], batch_size=1,
-                                          max_new_tokens=2))
-        info.update(describe_model(captioner, config))
-        info["limits"]["default_max_new_tokens"] = default_new_tokens
-        await batcher.start()
-        app.state.started = time.time()
-        try:
-            yield
-        finally:
-            await batcher.stop()
+    @property
+    def preprocess(self) -> Callable | None:
+        return getattr(self.captioner, "preprocess", None)
 
-    app = FastAPI(title="prefixcap", version=__version__, lifespan=lifespan,
-                  description="ClipCap-style image captioning: upload images, get captions. "
-                              "Concurrent requests are batched on the model.")
-    app.state.batcher = batcher
-    app.state.config = config
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_upload_bytes)
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+async def fetch_url(url: str, name: str, config: ServeConfig) -> bytes:
+    """GET an image URL (only with --allow_urls), bounded by --max_upload_mb; ImageError on failure."""
+    if not config.allow_urls:
+        raise ImageError(403, "urls_disabled",
+                         f"{name}: image URLs are disabled on this server (start it with --allow_urls)")
+    if not url.lower().startswith(("http://", "https://")):
+        raise ImageError(422, "bad_url", f"{name}: only http(s) URLs are accepted, got {url[:80]!r}")
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=config.url_timeout_s, follow_redirects=True) as client, \
+                client.stream("GET", url) as resp:
+            if resp.status_code != 200:
+                raise ImageError(422, "url_fetch_failed", f"{name}: GET {url} answered {resp.status_code}")
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > config.max_upload_bytes:
+                    raise ImageError(413, "too_large", f"{name}: {url} is larger than "
+                                                       f"{config.max_upload_bytes} bytes (--max_upload_mb)")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as err:
+        raise ImageError(422, "url_fetch_failed", f"{name}: cannot fetch {url}: {err}") from None
+
+
+async def prepare_image(item: _Input, svc: Service) -> Any:
+    """Fetch (URL), decode and preprocess one image in a decoding thread; an ImageError is returned, not raised."""
+    config, preprocess = svc.config, svc.preprocess
+    try:
+        if item.error is not None:
+            raise item.error
+        data = item.data if item.url is None else await fetch_url(item.url, item.name, config)
+
+        def work() -> Any:
+            image = decode_upload(data, item.name, config.max_image_pixels, config.image_formats)
+            if preprocess is None:
+                return image
+            try:
+                return preprocess(image)
+            except Exception as err:  # noqa: BLE001 - reported for this image only
+                raise ImageError(422, "preprocess_failed", f"{item.name}: cannot preprocess: {err}") from None
+
+        return await anyio.to_thread.run_sync(work, limiter=svc.decode_limiter)
+    except ImageError as err:
+        return err
+
+
+async def caption_prepared(prepared: list[Any], settings: GenerationSettings, svc: Service) -> dict[int, Any]:
+    """Index -> captions (or the model's exception) for every image that decoded; 503 ApiError on overload."""
+    ok = [i for i, p in enumerate(prepared) if not isinstance(p, ImageError)]
+    if not ok:
+        return {}
+    try:
+        outputs = await svc.batcher.submit([prepared[i] for i in ok], settings)
+    except (QueueFull, RequestTimeout) as exc:
+        code = "queue_full" if isinstance(exc, QueueFull) else "timeout"
+        raise ApiError(503, code, str(exc), {"Retry-After": str(exc.retry_after)}) from None
+    except BatcherClosed as exc:
+        raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
+    return dict(zip(ok, outputs))
+
+
+def image_results(inputs: list[_Input], prepared: list[Any], captions: dict[int, Any]) -> tuple[list[dict], int]:
+    """One result per image, in order, and the response status: 200 when any image was captioned,
+    else those images' error status (400 if they differ)."""
+    results: list[dict[str, Any]] = []
+    for i, item in enumerate(inputs):
+        result: dict[str, Any] = {"index": i, "name": item.name}
+        out = captions.get(i, prepared[i])
+        if isinstance(out, ImageError):
+            result["error"] = out.body()
+        elif isinstance(out, Exception):
+            logger.error("model failed on %s: %r", item.name, out)
+            result["error"] = {"code": "model_error", "status": 500,
+                               "message": f"{item.name}: the model failed on this image: {out}"}
+        else:
+            result.update(caption=out[0] if out else "", captions=out)
+        results.append(result)
+    statuses = {r["error"]["status"] for r in results if "error" in r}
+    if statuses and all("error" in r for r in results):
+        return results, statuses.pop() if len(statuses) == 1 else 400  # nothing captioned: say why
+    return results, 200
+
+
+# --- routes --------------------------------------------------------------------------------------
+async def captions_route(request: Request) -> JSONResponse:
+    svc: Service = request.app.state.service
+    start = time.perf_counter()
+    inputs, given = await read_caption_request(request, svc.config)
+    settings = resolve_options(given, svc.config, svc.default_new_tokens)
+    prepared = await asyncio.gather(*(prepare_image(item, svc) for item in inputs))
+    results, status = image_results(inputs, prepared, await caption_prepared(prepared, settings, svc))
+    body = {"model": svc.model_name, "options": asdict(settings), "results": results,
+            "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
+    return JSONResponse(body, status)
+
+
+async def index_route(request: Request) -> HTMLResponse:
+    return HTMLResponse(_page())
+
+
+async def healthz_route(request: Request) -> dict[str, Any]:
+    svc: Service = request.app.state.service
+    return {"status": "ok", "model": svc.model_name, "uptime_s": round(time.time() - svc.started, 3),
+            "batcher": svc.batcher.stats.as_dict()}
+
+
+async def model_route(request: Request) -> dict[str, Any]:
+    return request.app.state.service.info
+
+
+def _caption_route_doc() -> dict[str, Any]:
+    error_doc = {"model": ErrorResponse}
+    body_doc = {"requestBody": {
+        "required": True,
+        "description": "multipart/form-data: image files (any field name) plus option fields; "
+                       "or application/json: CaptionJSONRequest.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                               **CaptionOptions.model_json_schema()["properties"]},
+                "required": ["images"],
+            }},
+            "application/json": {"schema": {"$ref": "#/components/schemas/CaptionJSONRequest"}},
+        },
+    }}
+    return dict(response_model=CaptionResponse, summary="caption one or more images", openapi_extra=body_doc,
+                responses={400: error_doc, 408: error_doc, 413: error_doc, 415: error_doc, 422: error_doc,
+                           503: {"model": ErrorResponse, "description": "busy, queue full or timed out; see "
+                                                                        "Retry-After"}})
+
+
+def _install_routes(app: FastAPI) -> None:
+    app.add_api_route("/", index_route, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    app.add_api_route("/healthz", healthz_route, methods=["GET"], summary="liveness and batching counters")
+    app.add_api_route("/v1/model", model_route, methods=["GET"],
+                      summary="the loaded model, encoder, language model and server limits")
+    app.add_api_route("/v1/captions", captions_route, methods=["POST"], **_caption_route_doc())
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error as {"error": {...}}; a 500 (a bug, never the client's input) closes the connection."""
+
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc.status, exc.code, exc.message, exc.headers)
 
-    @app.exception_handler(_BodyTooLarge)
-    async def _too_large(request: Request, exc: _BodyTooLarge) -> JSONResponse:
-        return _error_response(413, "too_large", str(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(_page())
+    async def disconnected(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        return _error_response(400, "client_disconnected", "the client closed the connection mid-request",
+                               {"Connection": "close"})
 
-    @app.get("/healthz", summary="liveness and batching counters")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": config.model or type(captioner).__name__,
-                "uptime_s": round(time.time() - getattr(app.state, "started", time.time()), 3),
-                "batcher": batcher.stats.as_dict()}
+    async def server_fault(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _error_response(500, "internal_error", f"internal server error ({type(exc).__name__}); "
+                                                      "the request was not the cause", {"Connection": "close"})
 
-    @app.get("/v1/model", summary="the loaded model, encoder, language model and server limits")
-    async def model_info() -> dict[str, Any]:
-        return info
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, disconnected)
+    app.add_exception_handler(Exception, server_fault)
 
-    caption_body_doc = {
-        "requestBody": {
-            "required": True,
-            "description": "multipart/form-data: image files (any field name) plus option fields; "
-                           "or application/json: CaptionJSONRequest.",
-            "content": {
-                "multipart/form-data": {"schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        **CaptionOptions.model_json_schema()["properties"],
-                    },
-                    "required": ["images"],
-                }},
-                "application/json": {"schema": {"$ref": "#/components/schemas/CaptionJSONRequest"}},
-            },
-        }
-    }
-    error_doc = {"model": ErrorResponse}
 
-    @app.post(
-        "/v1/captions", response_model=CaptionResponse, summary="caption one or more images",
-        openapi_extra=caption_body_doc,
-        responses={400: error_doc, 413: error_doc, 415: error_doc, 422: error_doc,
-                   503: {"model": ErrorResponse, "description": "queue full or timed out; see Retry-After"}},
-    )
-    async def captions(request: Request) -> JSONResponse:
-        start = time.perf_counter()
-        inputs, given = await _read_request(request)
-        options = resolve_options(given, config, default_new_tokens)
-        prepared = await asyncio.gather(*(_prepare(item) for item in inputs))
-        ok = [i for i, p in enumerate(prepared) if not isinstance(p, ImageError)]
-        outputs: list[Any] = []
-        if ok:
-            try:
-                outputs = await batcher.submit([prepared[i] for i in ok], options)
-            except (QueueFull, RequestTimeout) as exc:
-                code = "queue_full" if isinstance(exc, QueueFull) else "timeout"
-                raise ApiError(503, code, str(exc), {"Retry-After": str(exc.retry_after)}) from None
-            except BatcherClosed as exc:
-                raise ApiError(503, "shutting_down", str(exc), {"Retry-After": "5"}) from None
-        results: list[dict[str, Any]] = []
-        captions_of = dict(zip(ok, outputs))
-        for i, item in enumerate(inputs):
-            result: dict[str, Any] = {"index": i, "name": item.name}
-            out = captions_of.get(i, prepared[i])
-            if isinstance(out, ImageError):
-                result["error"] = out.body()
-            elif isinstance(out, Exception):
-                logger.error("model failed on %s: %r", item.name, out)
-                result["error"] = {"code": "model_error", "status": 500,
-                                   "message": f"{item.name}: the model failed on this image: {out}"}
-            else:
-                result.update(caption=out[0] if out else "", captions=out)
-            results.append(result)
-        statuses = {r["error"]["status"] for r in results if "error" in r}
-        status = 200
-        if len(statuses) and all("error" in r for r in results):
-            status = statuses.pop() if len(statuses) == 1 else 400  # nothing captioned: say why
-        body = {"model": config.model or type(captioner).__name__, "options": asdict(options),
-                "results": results, "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
-        return JSONResponse(body, status)
-
-    async def _read_request(request: Request) -> tuple[list[_Input], CaptionOptions]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "multipart/form-data":
-            inputs, raw = await _read_multipart(request)
-        elif ctype == "application/json":
-            inputs, raw = await _read_json(request)
-        else:
-            raise ApiError(415, "unsupported_content_type",
-                           f"Content-Type {ctype or '(none)'!r} is not accepted; send multipart/form-data "
-                           "(image files + option fields) or application/json (base64 images)")
-        if not inputs:
-            raise ApiError(400, "no_images", "the request contains no image (multipart: add file fields; "
-                                             "JSON: a non-empty 'images' list)")
-        _check_image_count(len(inputs))
-        try:
-            return inputs, CaptionOptions.model_validate(raw)
-        except ValidationError as err:
-            raise ApiError(422, "bad_option", _validation_message(err)) from None
-
-    def _check_image_count(count: int) -> None:
-        if count > config.max_images_per_request:
-            raise ApiError(413, "too_many_images",
-                           f"{count} images in one request; this server accepts at most "
-                           f"{config.max_images_per_request} (--max_images_per_request)")
-
-    async def _read_multipart(request: Request) -> tuple[list[_Input], dict[str, Any]]:
-        inputs: list[_Input] = []
-        raw: dict[str, Any] = {}
-        # Files spool to disk past 1 MB and the body limit bounds them all; the image count is
-        # checked by the caller so that it gets this server's message.
-        async with request.form(max_fields=64, max_part_size=64 * 1024) as form:
-            for key, value in form.multi_items():
-                if isinstance(value, str):
-                    if key not in CaptionOptions.model_fields and key in ("images", "image", "file", "files"):
-                        raise ApiError(422, "bad_request", f"form field {key!r} is text, not a file: send the "
-                                                           f"image as a file part (curl -F {key}=@photo.jpg)")
-                    raw[key] = value
-                else:
-                    name = value.filename or f"{key}[{len(inputs)}]"
-                    inputs.append(_Input(name=name, data=await value.read()))
-        return inputs, raw
-
-    async def _read_json(request: Request) -> tuple[list[_Input], dict[str, Any]]:
-        try:
-            payload = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ApiError(400, "bad_json", f"the body is not valid JSON: {err}") from None
-        if not isinstance(payload, dict):
-            raise ApiError(422, "bad_request", "the JSON body must be an object with an 'images' list")
-        images = payload.pop("images", None)
-        if not isinstance(images, list):
-            raise ApiError(422, "bad_request", "the JSON body needs 'images': a list of base64 strings or "
-                                               "{\"data\": base64, \"name\": ...} / {\"url\": ...} objects")
-        _check_image_count(len(images))  # before any base64 is decoded
-        inputs = []
-        for i, entry in enumerate(images):
-            name = f"images[{i}]"
-            try:
-                if isinstance(entry, str):
-                    inputs.append(_Input(name=name, data=_b64decode(entry, name)))
-                    continue
-                src = ImageSource.model_validate(entry)
-                name = src.name or name
-                if (src.data is None) == (src.url is None):
-                    raise ImageError(422, "bad_image_entry", f"{name}: give exactly one of 'data' or 'url'")
-                if src.url is not None:
-                    inputs.append(_Input(name=name, url=src.url))
-                else:
-                    inputs.append(_Input(name=name, data=_b64decode(src.data, name)))
-            except ImageError as err:
-                inputs.append(_Input(name=name, error=err))
-            except ValidationError as err:
-                inputs.append(_Input(name=name, error=ImageError(422, "bad_image_entry",
-                                                                 f"{name}: {_validation_message(err)}")))
-        return inputs, payload
-
-    async def _prepare(item: _Input) -> Any:
-        """Fetch (URL), decode and preprocess one image; an ImageError is returned, not raised."""
-        try:
-            if item.error is not None:
-                raise item.error
-            data = item.data
-            if item.url is not None:
-                data = await _fetch(item.url, item.name)
-
-            def work() -> Any:
-                image = decode_upload(data, item.name, config.max_image_pixels, config.image_formats)
-                if preprocess is None:
-                    return image
-                try:
-                    return preprocess(image)
-                except Exception as err:  # noqa: BLE001 - reported for this image only
-                    raise ImageError(422, "preprocess_failed", f"{item.name}: cannot preprocess: {err}") from None
-
-            return await anyio.to_thread.run_sync(work, limiter=decode_limiter)
-        except ImageError as err:
-            return err
-
-    async def _fetch(url: str, name: str) -> bytes:
-        if not config.allow_urls:
-            raise ImageError(403, "urls_disabled",
-                             f"{name}: image URLs are disabled on this server (start it with --allow_urls)")
-        if not url.lower().startswith(("http://", "https://")):
-            raise ImageError(422, "bad_url", f"{name}: only http(s) URLs are accepted, got {url[:80]!r}")
-        import httpx
-
-        try:
-            async with httpx.AsyncClient(timeout=config.url_timeout_s, follow_redirects=True) as client, \
-                    client.stream("GET", url) as resp:
-                if resp.status_code != 200:
-                    raise ImageError(422, "url_fetch_failed", f"{name}: GET {url} answered {resp.status_code}")
-                chunks, size = [], 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > config.max_upload_bytes:
-                        raise ImageError(413, "too_large", f"{name}: {url} is larger than "
-                                                           f"{config.max_upload_bytes} bytes (--max_upload_mb)")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.HTTPError as err:
-            raise ImageError(422, "url_fetch_failed", f"{name}: cannot fetch {url}: {err}") from None
-
+def _install_openapi(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         # The caption endpoint parses its body itself (multipart or JSON), so FastAPI does not
         # see the JSON model; register it so the documented $ref resolves.
@@ -602,118 +589,61 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         return app.openapi_schema
 
     app.openapi = openapi
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI):
+    svc: Service = app.state.service
+    if svc.config.warmup:
+        blank = Image.new("RGB", (64, 64), (127, 127, 127))
+        preprocess = svc.preprocess
+        await anyio.to_thread.run_sync(
+            lambda: svc.captioner.caption([preprocess(blank) if preprocess else blank], batch_size=1,
+                                          settings=GenerationSettings(max_new_tokens=2)))
+    svc.info.update(describe_model(svc.captioner, svc.config))
+    svc.info["limits"]["default_max_new_tokens"] = svc.default_new_tokens
+    await svc.batcher.start()
+    svc.started = time.time()
+    try:
+        yield
+    finally:
+        await svc.batcher.stop()
+
+
+def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastAPI:
+    """The FastAPI app around any object with `caption(images, batch_size, settings)`; tests pass a fake one.
+
+    If the captioner also has `preprocess(image) -> pixels` (prefixcap's Captioner does), images
+    are preprocessed in the request's thread, so the model thread only runs the networks and a
+    queued image holds a small pixel array instead of a full-size picture. In front of the routes,
+    serve_guards check the Host header and bound request bodies (size, bytes in flight, deadline).
+    """
+    config = config or ServeConfig()
+    svc = Service(captioner=captioner, config=config, batcher=DynamicBatcher(captioner, config.batch),
+                  decode_limiter=anyio.CapacityLimiter(config.decode_threads),
+                  default_new_tokens=_default_max_new_tokens(captioner, config),
+                  model_name=public_name(config.model) or type(captioner).__name__)
+    app = FastAPI(title="prefixcap", version=__version__, lifespan=_lifespan,
+                  description="ClipCap-style image captioning: upload images, get captions. "
+                              "Concurrent requests are batched on the model.")
+    app.state.service, app.state.batcher, app.state.config = svc, svc.batcher, config
+    app.state.body_budget = BodyBudget(config.max_inflight_bytes)
+    # Added last = runs first: the Host check refuses before any body byte is read.
+    app.add_middleware(BodyGuard, max_bytes=config.max_upload_bytes, budget=app.state.body_budget,
+                       body_timeout_s=config.body_timeout_s, on_done=MemoryTrimmer())
+    app.add_middleware(HostGuard, allowed=config.hosts())
+    _install_error_handlers(app)
+    _install_routes(app)
+    _install_openapi(app)
     return app
 
 
-# --- running it ---------------------------------------------------------------------------------
-@contextlib.contextmanager
-def background_server(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
-                      log_level: str = "warning", **uvicorn_kwargs: Any) -> Iterator[str]:
-    """Serve `app` with uvicorn in a thread; yields the base URL (port 0 = a free port). For tests/demos."""
-    import uvicorn
+# --- running it (serve_http, serve_cli; re-exported: `from prefixcap.serve import main` keeps working) --
+from prefixcap.serve_cli import build_parser, config_from_args, main  # noqa: E402
+from prefixcap.serve_http import background_server  # noqa: E402
 
-    # Longer than uvicorn's 5 s: a client reusing a keep-alive connection at the very moment the
-    # server closes it gets "server disconnected", which tests would read as a server failure.
-    uvicorn_kwargs.setdefault("timeout_keep_alive", 30)
-
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs))
-    thread = threading.Thread(target=server.run, name="prefixcap-serve", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start on {host}:{port}")
-        time.sleep(0.02)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://{host}:{bound}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host).is_loopback
-    return False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d, b = ServeConfig(), BatchConfig()
-    p = argparse.ArgumentParser(prog="prefixcap serve", description="HTTP captioning service with a web page.")
-    p.add_argument("--model", required=True, help="trained prefixcap model: a folder or a Hub repo id")
-    p.add_argument("--host", default=d.host, help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, mps ...")
-    g = p.add_argument_group("batching")
-    g.add_argument("--max_batch_size", type=int, default=b.max_batch_size, help="images per model call")
-    g.add_argument("--max_wait_ms", type=float, default=b.max_wait_ms,
-                   help="how long a queued image may wait for others to share its batch")
-    g.add_argument("--max_queue", type=int, default=b.max_queue,
-                   help="images waiting for the model; beyond it requests get 503 + Retry-After")
-    g.add_argument("--request_timeout_s", type=float, default=b.request_timeout_s)
-    g = p.add_argument_group("limits")
-    g.add_argument("--max_upload_mb", type=float, default=d.max_upload_bytes / 2**20, help="request body size")
-    g.add_argument("--max_image_pixels", type=int, default=d.max_image_pixels,
-                   help="larger images are refused (decompression bombs)")
-    g.add_argument("--max_images_per_request", type=int, default=d.max_images_per_request)
-    g.add_argument("--max_num_beams", type=int, default=d.max_num_beams)
-    g.add_argument("--max_new_tokens_limit", type=int, default=d.max_new_tokens_limit,
-                   help="largest max_new_tokens a client may ask for")
-    g.add_argument("--default_max_new_tokens", type=int, default=None,
-                   help="when the client sets none (default: the model's trained caption length, capped)")
-    g.add_argument("--max_return_sequences", type=int, default=d.max_return_sequences)
-    g.add_argument("--decode_threads", type=int, default=d.decode_threads, help="images decoded at once")
-    g.add_argument("--allow_urls", action="store_true",
-                   help="let JSON requests name image URLs the server fetches (off: a public server "
-                        "would fetch whatever it is told, including internal addresses)")
-    p.add_argument("--log_level", default=d.log_level, choices=["critical", "error", "warning", "info", "debug"])
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    batch = BatchConfig(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                        max_queue=args.max_queue, request_timeout_s=args.request_timeout_s)
-    return ServeConfig(
-        model=args.model, host=args.host, port=args.port, device=args.device, batch=batch,
-        max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
-        max_images_per_request=args.max_images_per_request, max_num_beams=args.max_num_beams,
-        max_new_tokens_limit=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
-        max_return_sequences=args.max_return_sequences, decode_threads=args.decode_threads,
-        allow_urls=args.allow_urls, log_level=args.log_level,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args)
-    except ValueError as err:
-        print(f"prefixcap serve: {err}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    import uvicorn
-
-    from prefixcap.caption import Captioner as PrefixCaptioner
-
-    try:
-        captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device)
-    except (OSError, ValueError) as err:
-        print(f"prefixcap serve: cannot load model {config.model!r}: {err}", file=sys.stderr)
-        return 1
-    # PIL's own decompression-bomb check agrees with ours (it raises above twice this value).
-    # Its warning between 1x and 2x is redundant: decode_upload refuses those images itself.
-    Image.MAX_IMAGE_PIXELS = config.max_image_pixels
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    if not _is_loopback(config.host):
-        logger.warning("listening on %s: the service has no authentication; put it behind a proxy that has",
-                       config.host)
-    print(f"prefixcap serve: http://{config.host}:{config.port}/ (API docs at /docs)", flush=True)
-    uvicorn.run(create_app(captioner, config), host=config.host, port=config.port, log_level=config.log_level)
-    return 0
-
+__all__ = ["ApiError", "ImageError", "SAFE_IMAGE_FORMATS", "ServeConfig", "Service", "background_server",
+           "build_parser", "config_from_args", "create_app", "describe_model", "main", "parse_json_body"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefixcap.argtypes import non_negative_int, positive_int
+from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
 
 # Hugging Face keyword arguments forwarded to `from_pretrained` (the seed's **huggingface_kwargs);
 # any other unknown flag is an error. name -> (type, help); bool ones are plain switches.
@@ -39,7 +39,11 @@ TRACKERS = ("tensorboard", "wandb")
 
 
 class TrainConfigError(ValueError):
-    """A refused configuration: the message names the flag and what was expected."""
+    """A refused configuration: the message names the flag and what was expected (exit status 2)."""
+
+
+class TrainRuntimeError(RuntimeError):
+    """The run could not go on (e.g. a checkpoint that cannot be loaded): one line, exit status 1."""
 
 
 @dataclass
@@ -52,7 +56,7 @@ class TrainConfig:
     epochs: int = 10
     save_every_epochs: int = 1
     save_every_steps: int = 10000
-    prefix_length: int | None = None  # K; None: the dataset's (manifest), else 10
+    prefix_length: int | None = None  # K; None: the dataset's (manifest), else 10; any K trains on any dataset
     prefix_size: int | None = None  # C; None: the dataset's embedding size
     clip_prefix_length: int = 10  # L of the transformer mapper
     language_model_type: str | None = None  # gpt2 | gpt-j | t5 | t0 | auto; None: the dataset's
@@ -69,6 +73,7 @@ class TrainConfig:
     gpu_devices: str | None = None  # None: "0", unless a launcher already assigned devices
     lr: float = 2e-5
     warmup_steps: int = 5000
+    warmup_ratio: float | None = None  # fraction of the run's optimizer steps; replaces warmup_steps when set
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0  # 0: no clipping (as the original)
     gradient_accumulation_steps: int = 1
@@ -85,6 +90,17 @@ class TrainConfig:
     logging_dir: str | None = None
     log_every_steps: int = 50
     max_steps: int = 0  # 0: no limit; else stop after this many optimizer steps in total
+    overwrite_output_dir: bool = False  # delete a previous run's {prefix} checkpoints instead of refusing
+    save_total_limit: int = 0  # keep only the N newest {prefix}_{epoch}.ckpt (0: keep all)
+    threads: int = 0  # torch intra-op threads; 0: torch's default (one per core)
+    lora_rank: int = 0  # >0: train LoRA adapters of this rank in the LM (base weights frozen)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str | None = None  # comma-separated; None: the LM type's default (adapters.LORA_TARGETS)
+    merge_lora: bool = False  # the final model gets the adapter merged into full LM weights (lm/)
+    gradient_checkpointing: bool = False  # recompute LM activations in the backward pass (less memory)
+    push_to_hub: str | None = None  # Hub repo id the final model is uploaded to
+    hub_private: bool = False
     hf_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="prefixcap train", description="Train a ClipCap-style mapping network on a preprocessed dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     from prefixcap.mapping import MAPPERS
 
     s = p.add_argument_group("the seed's flags")
@@ -120,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output_filename_prefix", default=d.output_filename_prefix, help="checkpoint name prefix")
     s.add_argument("--epochs", type=positive_int, default=d.epochs)
     s.add_argument("--save_every_epochs", type=non_negative_int, default=d.save_every_epochs,
-                   help="write {prefix}_{epoch}.ckpt every N epochs (0: never)")
+                   help="write {prefix}_{epoch}.ckpt every N epochs, epochs counted from 0 as in the seed "
+                        "(demo_model_0.ckpt is the first); 0: never")
     s.add_argument("--save_every_steps", type=non_negative_int, default=d.save_every_steps,
                    help="rewrite {prefix}_latest.ckpt every N optimizer steps (0: only at epoch ends)")
     s.add_argument("--prefix_length", type=positive_int, default=None,
-                   help="K prefix embeddings (default: the dataset's, else 10); must match the dataset's")
+                   help="K prefix embeddings (default: the dataset's, else 10); another K than the dataset's "
+                        "is accepted with a notice (the shards do not depend on K)")
     s.add_argument("--prefix_size", type=positive_int, default=None,
                    help="CLIP embedding size (default: the dataset's); must match the dataset's")
     s.add_argument("--clip_prefix_length", type=positive_int, default=d.clip_prefix_length,
@@ -147,7 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--language_model", default=None, help="LM hub id or folder; overrides --language_model_variant")
     t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--warmup_steps", type=non_negative_int, default=d.warmup_steps, help="linear warm-up, then linear decay")
+    warm = t.add_mutually_exclusive_group()
+    warm.add_argument("--warmup_steps", type=non_negative_int, default=d.warmup_steps,
+                      help="linear warm-up over N optimizer steps, then linear decay")
+    warm.add_argument("--warmup_ratio", type=_ratio, default=None,
+                      help="warm up over this fraction of the run's optimizer steps instead (e.g. 0.1)")
     t.add_argument("--weight_decay", type=float, default=d.weight_decay)
     t.add_argument("--max_grad_norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: off)")
     t.add_argument("--gradient_accumulation_steps", type=positive_int, default=d.gradient_accumulation_steps)
@@ -159,6 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many optimizer steps in total (0: no limit)")
     t.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from {prefix}_latest.ckpt in --output_dir (or from the given checkpoint)")
+    t.add_argument("--overwrite_output_dir", action="store_true",
+                   help="delete a previous run's {prefix}_* checkpoints in --output_dir first (without it, "
+                        "and without --resume, such a folder is refused)")
+    t.add_argument("--save_total_limit", type=non_negative_int, default=d.save_total_limit,
+                   help="keep only the N newest {prefix}_{epoch}.ckpt (_latest and _final are always kept; 0: all)")
+    t.add_argument("--threads", type=non_negative_int, default=d.threads,
+                   help="torch threads per process (0: torch's default, one per core); 1 is often much "
+                        "faster on a busy machine or with tiny models")
 
     v = p.add_argument_group("validation and logging")
     v.add_argument("--val_fraction", type=float, default=d.val_fraction,
@@ -172,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--logging_dir", default=None, help="tracker folder (default: {output_dir}/logs)")
     v.add_argument("--log_every_steps", type=positive_int, default=d.log_every_steps)
 
+    lm = p.add_argument_group("LM adaptation and memory (frozen: --only_prefix; LoRA: --lora_rank; else fine-tuned)")
+    lm.add_argument("--lora_rank", type=non_negative_int, default=d.lora_rank,
+                    help="train LoRA adapters of this rank in the LM instead of all its weights (0: off; e.g. 8)")
+    lm.add_argument("--lora_alpha", type=float, default=d.lora_alpha, help="LoRA scaling numerator (scale alpha/rank)")
+    lm.add_argument("--lora_dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA input")
+    lm.add_argument("--lora_target_modules", default=None,
+                    help="comma-separated LM module names to adapt (default per LM type: GPT-2 c_attn,c_proj; "
+                         "T5 q,v; Llama-like q_proj,v_proj)")
+    lm.add_argument("--merge_lora", action="store_true",
+                    help="save the final model with the adapter merged into full LM weights (lm/) instead of "
+                         "the small adapter")
+    lm.add_argument("--gradient_checkpointing", action="store_true",
+                    help="recompute the LM's activations in the backward pass: less memory, ~20-30%% slower")
+    hub = p.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--push_to_hub", metavar="REPO", default=None,
+                     help="upload the final model (with its model card) to this Hub repo at the end")
+    hub.add_argument("--hub_private", action="store_true", help="create the --push_to_hub repo as private")
+
     dl = p.add_argument_group("data loading")
     dl.add_argument("--num_workers", type=non_negative_int, default=d.num_workers, help="DataLoader worker processes")
     dl.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=d.group_by_length,
@@ -184,6 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             hf.add_argument(f"--{name}", type=kind, default=None, help=help_)
     return p
+
+
+def _ratio(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value!r}") from None
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value!r}")
+    return number
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -269,9 +327,10 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
             f"({manifest.get('clip_model', 'unknown encoder')}) are {dim}-d; omit --prefix_size or pass {dim}")
     data_k = manifest.get("prefix_length")
     if cfg.prefix_length is not None and data_k is not None and cfg.prefix_length != int(data_k):
-        raise TrainConfigError(
-            f"--prefix_length {cfg.prefix_length} differs from {where}, preprocessed with --prefix_length "
-            f"{data_k}; omit --prefix_length or preprocess again with --prefix_length {cfg.prefix_length}")
+        # The shards hold embeddings and tokens only; K is the mapper's, so the seed's own README
+        # (preprocess with 10, train with 40) must work. The manifest's K is only the default.
+        print(f"prefixcap train: notice: --prefix_length {cfg.prefix_length} (the dataset was preprocessed with "
+              f"{data_k}, which is only the default; the shards do not depend on it)", file=sys.stderr)
     k = cfg.prefix_length or (int(data_k) if data_k is not None else 10)
 
     data_tok = manifest.get("tokenizer")
@@ -311,6 +370,8 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
         lm = load_language_model(name, family, **hf)
     except LanguageModelError as err:
         raise TrainConfigError(f"{flag} {name}: {err}") from err
+    except ImportError as err:  # e.g. --attn_implementation flash_attention_2 without flash_attn
+        raise TrainConfigError(f"{flag} {name}: {_first_line(err)}") from err
     max_pos = getattr(lm.config, "max_position_embeddings", None) if family == "causal" else None
     if max_pos and k + max_caption_tokens > max_pos:
         raise TrainConfigError(
@@ -328,13 +389,31 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
         tokenizer=data_tok or name, mapping=mapping,
         normalize_prefix=cfg.normalize_prefix, only_prefix=cfg.only_prefix,
         max_token_length=int(manifest.get("max_token_length") or max_caption_tokens))
+    config.lora = _lora_settings(cfg, lm)
     return config, lm, tokenizer
+
+
+def _lora_settings(cfg: TrainConfig, lm):
+    """--lora_* flags -> LoraSettings (None without --lora_rank); refuses contradictory flags."""
+    from prefixcap.adapters import AdapterError, resolve_settings
+
+    if not cfg.lora_rank:
+        if cfg.merge_lora:
+            raise TrainConfigError("--merge_lora merges a LoRA adapter: it needs --lora_rank")
+        return None
+    if cfg.only_prefix:
+        raise TrainConfigError("--lora_rank trains adapters inside the LM, --only_prefix freezes it: give one of them")
+    targets = [t.strip() for t in (cfg.lora_target_modules or "").split(",") if t.strip()]
+    try:
+        return resolve_settings(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets or None)
+    except AdapterError as err:
+        raise TrainConfigError(str(err)) from err
 
 
 # --- the run ---------------------------------------------------------------------------------
 _RESUME_KEYS = ("batch_size", "seed", "gradient_accumulation_steps", "group_by_length", "num_processes",
                 "num_train_captions", "val_fraction")
-_MODEL_KEYS = ("lm_family", "normalize_prefix", "only_prefix", "mapping")
+_MODEL_KEYS = ("lm_family", "normalize_prefix", "only_prefix", "mapping", "lora")
 
 
 def _group_seed(seed: int, rank: int, step: int) -> int:
@@ -343,9 +422,46 @@ def _group_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _check_data_dir(cfg: TrainConfig) -> None:
+    folder = Path(cfg.data_dir)
+    if not folder.exists():
+        raise TrainConfigError(f"--data_dir {cfg.data_dir}: the folder does not exist (write one with "
+                               "prefixcap preprocess --output_folder ...)")
+    if not folder.is_dir():
+        raise TrainConfigError(f"--data_dir {cfg.data_dir}: not a folder (expected a preprocessed dataset folder)")
+
+
+def _check_attention(cfg: TrainConfig, cpu: bool) -> None:
+    """--attn_implementation flash_attention_2 fails deep inside transformers with a traceback; say it first."""
+    import importlib.util
+
+    if cfg.hf_kwargs.get("attn_implementation") != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise TrainConfigError("--attn_implementation flash_attention_2: the flash_attn package is not installed "
+                               "(pip install flash-attn, on a CUDA machine); or use sdpa (the default) or eager")
+    if cpu:
+        raise TrainConfigError("--attn_implementation flash_attention_2 needs a CUDA GPU and this run is on the "
+                               "CPU; use sdpa (the default) or eager")
+
+
+def _card_info(cfg: TrainConfig, manifest: dict[str, Any], num_train_captions: int) -> dict[str, Any]:
+    """What the model card says about the training data (from the dataset's manifest)."""
+    data = {"data_dir": Path(cfg.data_dir).name, "input_format": manifest.get("input_format"),
+            "num_images": manifest.get("num_images"), "num_captions": manifest.get("num_captions"),
+            "num_train_captions": num_train_captions, "clip_model": manifest.get("clip_model"),
+            "datasets": list(manifest.get("hub_datasets") or [])}
+    return {"training_data": {k: v for k, v in data.items() if v not in (None, [])}}
+
+
 def _open_data(cfg: TrainConfig):
     from prefixcap.data.loader import CaptionDataset
 
+    _check_data_dir(cfg)
     try:
         return CaptionDataset(cfg.data_dir)
     except FileNotFoundError as err:
@@ -354,13 +470,28 @@ def _open_data(cfg: TrainConfig):
 
 def train(cfg: TrainConfig, argv: list[str] | None = None) -> TrainResult | None:
     """Run training; returns what it did (None in the processes a multi-GPU relaunch started)."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     cpu, ngpu = select_devices(cfg.gpu_devices)
     if not cpu and ngpu > 1 and not _launched():
         code = _relaunch(argv if argv is not None else sys.argv[1:], ngpu)
         if code:
             raise SystemExit(code)
         return None
-    return _Trainer(cfg, cpu).run()
+    _check_data_dir(cfg)
+    _check_attention(cfg, cpu)
+    from prefixcap.locking import output_lock
+
+    # Only the main process locks: the other ranks of this run write nothing but DeepSpeed's
+    # optimizer partitions, inside saves the main process leads (a refused main process fails the
+    # whole launch). A second run's main process is refused while this one, or any of its forked
+    # DataLoader workers, lives.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    lock = output_lock(cfg.output_dir, "prefixcap train") if main_process else contextlib.nullcontext()
+    with lock:
+        return _Trainer(cfg, cpu).run()
 
 
 class _Trainer:
@@ -400,6 +531,8 @@ class _Trainer:
         notices: list[str] = []
         if cpu:
             notices.append("no GPU found (or --gpu_devices cpu): training on the CPU in fp32")
+            if mixed not in ("auto", "no"):
+                notices.append(f"--mixed_precision {mixed} is ignored on the CPU: training in fp32")
             mixed = "no"
         elif mixed == "auto":
             mixed = "bf16" if torch.cuda.is_bf16_supported() else "no"
@@ -439,7 +572,11 @@ class _Trainer:
         self.rank, self.world = acc.process_index, acc.num_processes
 
         # Validation split (by image) and samplers.
-        train_idx, val_idx = split_by_image(self.data.data, cfg.val_fraction, cfg.seed)
+        try:
+            train_idx, val_idx = split_by_image(self.data.data, cfg.val_fraction, cfg.seed)
+        except ValueError as err:  # e.g. a fraction that leaves no training image
+            raise TrainConfigError(f"{err} (the dataset {cfg.data_dir} has {self.data.data.num_images} images)") \
+                from err
         self.val_data = self.data
         if cfg.val_data_dir:
             try:
@@ -459,6 +596,8 @@ class _Trainer:
             val_lengths = (self.val_data.data.lengths() if cfg.val_data_dir else lengths)[val_idx]
             vs = SequentialBatchSampler(val_idx, val_lengths, cfg.batch_size, self.world, self.rank)
             self.val_loader = make_loader(self.val_data, vs, min(cfg.num_workers, 2), pin, cfg.seed)
+
+        self._check_previous_run(out)
 
         # Resume point.
         self.run_config = {**{k: v for k, v in asdict(cfg).items() if k not in {"hf_kwargs", "resume"}},
@@ -484,7 +623,13 @@ class _Trainer:
             self._check_resume(self.resume_from.run_config, config)
         if self.resume_from is not None and not cfg.only_prefix:
             lm = None  # fine-tuned: the LM weights come from the checkpoint's lm/ folder
-            model = CaptionModel.from_pretrained(self.resume_from.path, **cfg.hf_kwargs)
+            from prefixcap.language_models import LanguageModelError
+
+            try:
+                model = CaptionModel.from_pretrained(self.resume_from.path, **cfg.hf_kwargs)
+            except (LanguageModelError, OSError, ImportError) as err:
+                raise TrainRuntimeError(f"--resume: cannot load the model of {self.resume_from.path}: "
+                                        f"{_first_line(err)}") from err
             model.config.language_model = config.language_model
         else:
             model = CaptionModel(config, lm=lm, tokenizer=tokenizer)
@@ -495,6 +640,12 @@ class _Trainer:
 
                 model.mapper.load_state_dict(load_file(self.resume_from.path / MAPPER_WEIGHTS))
         del lm
+        if cfg.gradient_checkpointing:
+            try:
+                model.enable_gradient_checkpointing()
+            except ValueError as err:
+                raise TrainConfigError(f"--gradient_checkpointing: {err}") from err
+        model.card_info = _card_info(cfg, manifest, len(train_idx))
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.total_params = sum(p.numel() for p in model.parameters())
@@ -508,7 +659,16 @@ class _Trainer:
         self.total_steps = total
         from transformers import get_linear_schedule_with_warmup
 
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, max(total, 1))
+        warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio is not None else cfg.warmup_steps
+        self.warmup_steps = warmup
+        if warmup >= total and cfg.lr > 0 and acc.is_main_process:
+            # The seed's 5000 warm-up steps on a short run: the learning rate stays a small fraction
+            # of --lr and the loss barely moves, with no other sign of why.
+            peak = cfg.lr * total / warmup if warmup else cfg.lr
+            print(f"prefixcap train: warning: warm-up ({warmup} steps) is not shorter than the run ({total} optimizer "
+                  f"steps): the learning rate peaks at {peak:.2e}, not --lr {cfg.lr:g}; use --warmup_ratio 0.1 or "
+                  "fewer --warmup_steps", file=sys.stderr)
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(total, 1))
         # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
         # step it once per process), so --warmup_steps counts optimizer steps as in the seed.
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -518,16 +678,45 @@ class _Trainer:
         if self.resume_from is not None:
             self.state = self.resume_from.state
             payload = self.resume_from.payload
-            if self.is_deepspeed:
+            if self.is_deepspeed and self.resume_from.deepspeed_dir.is_dir():
                 acc.load_state(str(self.resume_from.deepspeed_dir))
             else:
-                self.optimizer.optimizer.load_state_dict(payload["optimizer"])
+                if "optimizer" in payload:
+                    self.optimizer.optimizer.load_state_dict(payload["optimizer"])
+                else:  # an epoch checkpoint: optimizer state is kept in {prefix}_latest.ckpt only
+                    acc.print(f"prefixcap train: notice: {self.resume_from.path} holds no optimizer state (only "
+                              f"{cfg.output_filename_prefix}_latest.ckpt does); continuing with fresh AdamW "
+                              "moments, so the run will not match an uninterrupted one exactly")
             self.scheduler.load_state_dict(payload["scheduler"])
             if acc.is_main_process:
                 restore_rng_states(payload["rng"])
         self.device = acc.device
         self.result = TrainResult(device=str(self.device), num_processes=self.world,
                                   resumed_from=str(self.resume_from.path) if self.resume_from else None)
+
+    def _check_previous_run(self, out: Path) -> None:
+        """Refuse to mix two runs' checkpoints in one folder: --resume continues, --overwrite_output_dir restarts."""
+        from prefixcap.checkpoint import previous_run_files
+
+        cfg, acc = self.cfg, self.accelerator
+        found = previous_run_files(out, cfg.output_filename_prefix)
+        if not found or cfg.resume:
+            return
+        if not cfg.overwrite_output_dir:
+            names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise TrainConfigError(
+                f"--output_dir {out} holds a previous run's checkpoints ({names}); continue it with --resume, "
+                f"start afresh with --overwrite_output_dir (deletes them), or use another --output_dir or "
+                "--output_filename_prefix")
+        acc.wait_for_everyone()  # every rank has looked before the main process deletes
+        if acc.is_main_process:
+            import shutil
+
+            for path in found:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            acc.print(f"prefixcap train: --overwrite_output_dir: deleted {len(found)} file(s) of the previous run "
+                      f"in {out}")
+        acc.wait_for_everyone()
 
     def _check_val_manifest(self, val: dict[str, Any], train: dict[str, Any]) -> None:
         for key in ("embedding_dim", "clip_model", "tokenizer_fingerprint", "lm_family"):
@@ -556,10 +745,36 @@ class _Trainer:
         from prefixcap.checkpoint import checkpoint_path, save_checkpoint
 
         path = checkpoint_path(self.cfg.output_dir, self.cfg.output_filename_prefix, tag)
-        save_checkpoint(path, self._unwrapped(), self.optimizer.optimizer, self.scheduler, self.state,
-                        self.run_config, accelerator=self.accelerator)
+        model = self._unwrapped()
+        last = self.result.val_losses[-1] if self.result.val_losses else None
+        if last is not None:
+            model.card_info["evaluation"] = {"validation_loss": last["loss"], "step": last["step"],
+                                             **({"CIDEr": self.result.cider[-1]["cider"]} if self.result.cider else {})}
+        model.card_info["training"] = {"epochs": self.state.epoch, "optimizer_steps": self.state.global_step,
+                                       "samples_seen": self.state.samples_seen, "lr": self.cfg.lr,
+                                       "batch_size": self.cfg.batch_size * self.world * self.cfg.gradient_accumulation_steps,
+                                       "gradient_checkpointing": self.cfg.gradient_checkpointing}
+        # Optimizer state (2x the trained weights under AdamW) only in _latest, the resume point; epoch
+        # and final checkpoints are models plus the small scheduler/RNG state.
+        save_checkpoint(path, model, self.optimizer.optimizer, self.scheduler, self.state,
+                        self.run_config, accelerator=self.accelerator, with_optimizer=tag == "latest",
+                        merge_lora=self.cfg.merge_lora and tag == "final")
         if str(path) not in self.result.checkpoints:
             self.result.checkpoints.append(str(path))
+
+    def _prune_epoch_checkpoints(self) -> None:
+        """--save_total_limit N: delete all but the N newest {prefix}_{epoch}.ckpt (main process)."""
+        limit = self.cfg.save_total_limit
+        if not limit or not self.accelerator.is_main_process:
+            return
+        import shutil
+
+        from prefixcap.checkpoint import epoch_checkpoints
+
+        for _, path in epoch_checkpoints(self.cfg.output_dir, self.cfg.output_filename_prefix)[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+            if str(path) in self.result.checkpoints:
+                self.result.checkpoints.remove(str(path))
 
     def _to_device(self, batch):
         return [t.to(self.device, non_blocking=True) for t in batch]
@@ -594,6 +809,7 @@ class _Trainer:
 
             from prefixcap.caption import Captioner
             from prefixcap.evaluate import evaluate_predictions
+            from prefixcap.pipeline import Item, PipelineOptions, caption_items
 
             data = self.val_data.data
             images = data.caption_image_indices()[self.val_idx]
@@ -610,7 +826,12 @@ class _Trainer:
             was_training = model.training
             captioner = Captioner(model)
             keys = list(refs)
-            texts = captioner.caption_embeddings(np.stack([emb[k] for k in keys]))
+            items = (Item(k, embedding=emb[k]) for k in keys)
+            results = list(caption_items(captioner, items, PipelineOptions(num_workers=1)))  # embeddings: no decoding
+            failed = next((r for r in results if r.error is not None), None)
+            if failed is not None:
+                raise RuntimeError(f"validation image {failed.key}: {failed.error}")
+            texts = [r.caption for r in results]
             model.train(was_training)
             result = evaluate_predictions(dict(zip(keys, texts)), refs, metrics=["cider"], progress=False)
             return float(result["metrics"]["CIDEr"])
@@ -726,7 +947,8 @@ class _Trainer:
             self._evaluate(tracker_log)
             self._save("latest")
             if cfg.save_every_epochs and state.epoch % cfg.save_every_epochs == 0:
-                self._save(state.epoch)
+                self._save(epoch)  # named 0-based as the seed does: demo_model_0.ckpt after the first epoch
+                self._prune_epoch_checkpoints()
             if cfg.max_steps and state.global_step >= cfg.max_steps:
                 break
         elapsed = time.perf_counter() - started
@@ -744,7 +966,24 @@ class _Trainer:
             summary.write_text(json.dumps(asdict(r), indent=2) + "\n")
             self._report(r)
         acc.wait_for_everyone()
+        if cfg.push_to_hub and acc.is_main_process:
+            self._push()
         return r
+
+    def _push(self) -> None:
+        """--push_to_hub: upload the final model (training state excluded) with the standard client."""
+        from prefixcap.checkpoint import checkpoint_path
+        from prefixcap.hub import upload_artifact
+
+        final = checkpoint_path(self.cfg.output_dir, self.cfg.output_filename_prefix, "final")
+        try:
+            upload_artifact(final, self.cfg.push_to_hub, private=self.cfg.hub_private,
+                            token=self.cfg.hf_kwargs.get("token"))
+        except Exception as err:  # noqa: BLE001 - network/auth errors: one line, the model stays on disk
+            raise TrainRuntimeError(f"--push_to_hub {self.cfg.push_to_hub}: upload failed ({_first_line(err)}); "
+                                    f"the model is saved at {final}; retry with prefixcap push {final} "
+                                    f"{self.cfg.push_to_hub}") from err
+        print(f"prefixcap train: pushed {final} to the Hub repo {self.cfg.push_to_hub}", flush=True)
 
     def _announce(self) -> None:
         cfg, c = self.cfg, self._unwrapped().config
@@ -752,7 +991,7 @@ class _Trainer:
             if self.resume_from else "starting"
         self.accelerator.print(
             f"prefixcap train: {where}; {c.language_model} ({c.lm_family}, "
-            f"{'frozen' if c.only_prefix else 'fine-tuned'}) + {c.mapping.mapping_type} mapper, K={c.prefix_length}; "
+            f"{c.lm_mode if c.lora is None else f'LoRA rank {c.lora.rank}'}) + {c.mapping.mapping_type} mapper, K={c.prefix_length}; "
             f"{self.trainable:,} of {self.total_params:,} parameters trained; {len(self.sampler.indices):,} "
             f"training captions, {len(self.val_idx):,} validation; {self.world} process(es) on {self.device}, "
             f"batch {cfg.batch_size}x{self.world}x{cfg.gradient_accumulation_steps}, "
@@ -775,15 +1014,39 @@ class _Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 a refused flag or configuration, 1 a failure while running, 130 Ctrl-C."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenizers ran
     cfg = parse_config(argv)
+    from prefixcap.locking import OutputLockedError
+
     try:
         train(cfg, argv)
     except TrainConfigError as err:
         print(f"prefixcap train: error: {err}", file=sys.stderr)
         return 2
+    except (TrainRuntimeError, OutputLockedError) as err:
+        print(f"prefixcap train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{_interrupted_hint(cfg)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _interrupted_hint(cfg: TrainConfig) -> str:
+    from prefixcap.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
+
+    latest = checkpoint_path(cfg.output_dir, cfg.output_filename_prefix, "latest")
+    if not has_checkpoint(latest):
+        return "prefixcap train: interrupted before the first checkpoint; rerun the same command to start again"
+    try:
+        step = f" (step {load_checkpoint(latest).state.global_step})"
+    except Exception:  # noqa: BLE001 - the hint must not fail; the step is a nicety
+        step = ""
+    return (f"prefixcap train: interrupted; {latest}{step} is kept: rerun the same command with --resume "
+            "to continue from it")
 
 
 if __name__ == "__main__":

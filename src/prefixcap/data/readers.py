@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from prefixcap.data.images import IMAGE_EXTENSIONS
 TABLE_EXTENSIONS = {"parquet": (".parquet",), "csv": (".csv", ".tsv"), "jsonl": (".jsonl", ".json")}
 
 
@@ -33,20 +34,81 @@ class Record:
 
 
 @dataclass
-class ReaderConfig:
-    """Everything the readers need to know about the input."""
+class ReaderOptions:
+    """How to read a dataset input; one type for preprocess, caption and evaluate (same flag names)."""
 
-    inputs: list[str]
-    input_format: str = "files"
     wds_image_key: str = "jpg"
     wds_caption_key: str = "txt"
     wds_caption_in_metadata: bool = False
     cache_path: str | None = None
     image_column: str = "image_path"
-    caption_column: str = "caption"
+    caption_column: str | None = "caption"  # None: captions are not needed (the caption stage)
     key_column: str | None = None
     image_root: str | None = None
     coco_split: str | None = None
+
+
+# Flag of each ReaderOptions field: (help group, help). Defaults come from ReaderOptions.
+WDS_GROUP = "webdataset input"
+TABLE_GROUP = "parquet / csv / jsonl / coco / embeddings input"
+READER_FLAGS: dict[str, tuple[str, str]] = {
+    "wds_image_key": (WDS_GROUP, "image extension(s) in the tars, e.g. jpg;png"),
+    "wds_caption_key": (WDS_GROUP, "caption extension (or json field)"),
+    "wds_caption_in_metadata": (WDS_GROUP, "read the caption from the sample's .json under --wds_caption_key"),
+    "cache_path": (WDS_GROUP, "webdataset cache folder for remote tars"),
+    "image_column": (TABLE_GROUP, "column with the image path (relative to the table) or bytes"),
+    "caption_column": (TABLE_GROUP, "column with the caption (or a list of captions)"),
+    "key_column": (TABLE_GROUP, "column with a sample key (default: the image path)"),
+    "image_root": (TABLE_GROUP, "folder image paths are relative to (default: the table's / json's folder)"),
+    "coco_split": (TABLE_GROUP, "Karpathy split(s) to keep, e.g. train,restval"),
+}
+
+
+def add_reader_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None = None,
+                    only: Iterable[str] | None = None, defaults: dict[str, Any] | None = None) -> None:
+    """Add the reader flags (--wds_image_key, --image_column, ...) to a CLI.
+
+    title: one argument group with this title (default: preprocess's two groups; a group given as
+    `parser` takes them all);
+    only: the subset of flags this CLI offers; defaults: CLI-specific defaults (field -> value).
+    """
+    from prefixcap.argtypes import boolean
+
+    names = list(only) if only is not None else list(READER_FLAGS)
+    unknown = [n for n in names + list(defaults or {}) if n not in READER_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown reader option(s) {unknown}; expected some of {', '.join(READER_FLAGS)}")
+    base = ReaderOptions()
+    groups: dict[str, Any] = {}
+    for name in names:
+        group_title, help_text = READER_FLAGS[name]
+        group_title = title or group_title
+        if group_title not in groups:
+            # An argument group given as `parser` takes the flags itself.
+            is_group = isinstance(parser, argparse._ArgumentGroup)
+            groups[group_title] = parser if is_group else parser.add_argument_group(group_title)
+        default = (defaults or {}).get(name, getattr(base, name))
+        if isinstance(getattr(base, name), bool):
+            groups[group_title].add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default,
+                                             help=help_text)
+        else:
+            groups[group_title].add_argument(f"--{name}", default=default, help=help_text)
+
+
+def reader_options_from_args(args: argparse.Namespace, **overrides: Any) -> ReaderOptions:
+    """The ReaderOptions a parsed command line asks for; fields without a flag keep their defaults."""
+    values = {f.name: getattr(args, f.name) for f in fields(ReaderOptions) if hasattr(args, f.name)}
+    values.update(overrides)
+    return ReaderOptions(**values)
+
+
+@dataclass
+class ReaderConfig:
+    """What one reader reads: the inputs, their format, the options, and the chunk size of listed inputs."""
+
+    inputs: list[str]
+    input_format: str = "files"
+    options: ReaderOptions = field(default_factory=ReaderOptions)
     samples_per_shard: int = 10000
 
 
@@ -141,9 +203,12 @@ class WebDatasetReader:
                 self.urls.append(item)
             else:
                 raise InputError(f"--input_dataset tar {item!r} does not exist")
-        self.image_keys = [k.strip().lower() for k in cfg.wds_image_key.split(";") if k.strip()]
-        if cfg.cache_path:
-            Path(cfg.cache_path).mkdir(parents=True, exist_ok=True)
+        self.options = opts = cfg.options
+        self.image_keys = [k.strip().lower() for k in opts.wds_image_key.split(";") if k.strip()]
+        if opts.cache_path:
+            Path(opts.cache_path).mkdir(parents=True, exist_ok=True)
+        # What the first samples hold (member extensions, json keys), for a run that finds nothing usable.
+        self._seen_samples, self._seen_members, self._seen_json_keys = 0, set(), set()
 
     def units(self) -> list[str]:
         return list(self.urls)
@@ -152,8 +217,8 @@ class WebDatasetReader:
         return None
 
     def _captions(self, sample: dict[str, Any]) -> list[Any]:
-        key = self.cfg.wds_caption_key
-        if self.cfg.wds_caption_in_metadata:
+        key = self.options.wds_caption_key
+        if self.options.wds_caption_in_metadata:
             raw = sample.get("json")
             if raw is None:
                 return []
@@ -168,21 +233,61 @@ class WebDatasetReader:
             return []
         return list(value) if isinstance(value, list) else [value]
 
+    def input_layout(self) -> str | None:
+        """What was looked for and what the first samples hold (member extensions, json keys)."""
+        if not self._seen_samples:
+            return None
+        opts = self.options
+        if opts.wds_caption_in_metadata:
+            looked = (f"looked for the caption under the key {opts.wds_caption_key!r} of each sample's .json "
+                      "(--wds_caption_in_metadata, --wds_caption_key)")
+        else:
+            looked = f"looked for the caption in each sample's .{opts.wds_caption_key} member (--wds_caption_key)"
+        looked += f" and the image in .{' or .'.join(self.image_keys)} (--wds_image_key)"
+        held = (f"the first {self._seen_samples} samples hold the members "
+                + ", ".join(f".{m}" for m in sorted(self._seen_members)))
+        if self._seen_json_keys:
+            held += f", with json keys {', '.join(sorted(self._seen_json_keys))}"
+        return f"{looked}; {held}"
+
+    def _observe(self, sample: dict[str, Any]) -> None:
+        if self._seen_samples >= 20:
+            return
+        self._seen_samples += 1
+        self._seen_members.update(k for k in sample if not k.startswith("__"))
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, UnicodeDecodeError, TypeError):
+                return
+            if isinstance(meta, dict):
+                self._seen_json_keys.update(str(k) for k in list(meta)[:50])
+
     def records(self, unit: int) -> Iterator[Record]:
         import webdataset as wds
 
         url = self.urls[unit]
         errors: list[Exception] = []
+        duplicates: list[str] = []
 
         def stop_on_error(exn: Exception) -> bool:
+            message = str(exn.args[0]) if exn.args else ""
+            if "duplicate file name in tar file" in message:
+                # A member name repeated within a sample: the first is kept, the repeat is counted
+                # (duplicate_member) and the rest of the tar is read on.
+                duplicates.append(message.split(": duplicate file name", 1)[0])
+                return True
             errors.append(exn)
             return False  # a broken tar stream cannot be resynchronised: keep what came before
 
         dataset = wds.WebDataset(
             [url], shardshuffle=False, handler=stop_on_error, nodesplitter=None, workersplitter=None,
-            empty_check=False, cache_dir=self.cfg.cache_path,
+            empty_check=False, cache_dir=self.options.cache_path,
         )
         for sample in dataset:
+            while duplicates:
+                yield Record(f"{url}:{duplicates.pop(0)}", None, [], reason="duplicate_member")
+            self._observe(sample)
             key = str(sample.get("__key__", ""))
             image = next((sample[k] for k in self.image_keys if k in sample), None)
             captions = self._captions(sample)
@@ -190,6 +295,8 @@ class WebDatasetReader:
                 yield Record(key, None, captions, reason="missing_image")
             else:
                 yield Record(key, image, captions)
+        for member in duplicates:
+            yield Record(f"{url}:{member}", None, [], reason="duplicate_member")
         if errors:
             yield Record(url, None, [], reason="truncated_tar")
 
@@ -268,13 +375,15 @@ class TableReader(_ChunkedReader):
 
     def __init__(self, cfg: ReaderConfig):
         self.chunk = cfg.samples_per_shard
-        fmt = cfg.input_format
-        columns = [cfg.image_column, cfg.caption_column] + ([cfg.key_column] if cfg.key_column else [])
+        fmt, opts = cfg.input_format, cfg.options
+        columns = [opts.image_column] + [c for c in (opts.caption_column, opts.key_column) if c]
         groups: dict[Any, tuple[str, Any, list[Any]]] = {}
         for path in _local_files(cfg.inputs, TABLE_EXTENSIONS[fmt], fmt):
             data = _read_table_columns(path, fmt, columns)
-            base = Path(cfg.image_root) if cfg.image_root else path.parent
-            for row, (image, caption) in enumerate(zip(data[cfg.image_column], data[cfg.caption_column])):
+            base = Path(opts.image_root) if opts.image_root else path.parent
+            no_captions = [None] * len(data[opts.image_column])
+            captions_column = data[opts.caption_column] if opts.caption_column else no_captions
+            for row, (image, caption) in enumerate(zip(data[opts.image_column], captions_column)):
                 if isinstance(image, dict):  # Hugging Face datasets' Image feature: {"bytes", "path"}
                     image = image.get("bytes") or image.get("path")
                 if isinstance(image, str) and image.strip():
@@ -286,8 +395,8 @@ class TableReader(_ChunkedReader):
                     image = bytes(image) if isinstance(image, (bytes, bytearray)) and image else None
                     group_id = (str(path), row)  # inline bytes: one image per row
                     default_key = f"{path.stem}/{row}"
-                key = str(data[cfg.key_column][row]) if cfg.key_column else default_key
-                captions = caption if isinstance(caption, list) else [caption]
+                key = str(data[opts.key_column][row]) if opts.key_column else default_key
+                captions = caption if isinstance(caption, list) else [] if caption is None else [caption]
                 if group_id in groups:
                     groups[group_id][2].extend(captions)
                 else:
@@ -298,51 +407,36 @@ class TableReader(_ChunkedReader):
 
 
 class CocoReader(_ChunkedReader):
-    """COCO captions json (images + annotations) or Karpathy's dataset_coco.json (with splits)."""
+    """COCO captions json (images + annotations) or Karpathy's dataset_*.json (with splits); see data/coco.py."""
 
     def __init__(self, cfg: ReaderConfig):
+        from prefixcap.data.coco import CocoFormatError, load_coco, parse_splits
+
         self.chunk = cfg.samples_per_shard
-        files = _local_files(cfg.inputs, (".json",), "COCO json")
-        splits = {s.strip() for s in cfg.coco_split.split(",")} if cfg.coco_split else None
+        opts = cfg.options
+        splits = parse_splits(opts.coco_split)
         self.items = []
-        for path in files:
+        for path in _local_files(cfg.inputs, (".json",), "COCO json"):
             try:
-                data = json.loads(path.read_bytes())
-            except ValueError as err:
-                raise InputError(f"COCO file {path} is not valid JSON ({err})") from err
-            root = Path(cfg.image_root) if cfg.image_root else path.parent
-            if not isinstance(data, dict) or "images" not in data:
-                raise InputError(f"{path} is not a COCO captions json nor Karpathy's dataset_coco.json "
-                                 "(no 'images' list)")
-            images = data["images"]
-            if images and "sentences" in images[0]:
-                self._karpathy(images, root, splits)
-            elif "annotations" in data:
-                if splits:
-                    raise InputError(f"--coco_split applies to Karpathy's dataset_coco.json; {path} is a COCO "
-                                     "captions file (one file per split already)")
-                self._coco(data, root)
-            else:
-                raise InputError(f"{path} has 'images' but neither 'annotations' (COCO) nor 'sentences' (Karpathy)")
+                parsed = load_coco(path, splits)
+            except CocoFormatError as err:
+                raise InputError(f"{err} (choose with --coco_split)" if err.bad_split else str(err)) from err
+            root = Path(opts.image_root) if opts.image_root else path.parent
+            images = parsed.images
+            if parsed.kind == "coco":
+                # By id: the order preprocess has always written (resume relies on a fixed order).
+                images = sorted(images, key=lambda img: (_numeric(img.key), img.key))
+            self.items += [(img.key, str(root / img.file) if img.file else None, img.captions) for img in images]
         if not self.items:
             raise InputError(f"no COCO images selected from {cfg.inputs}"
-                             + (f" for --coco_split {cfg.coco_split!r}" if splits else ""))
+                             + (f" for --coco_split {opts.coco_split!r}" if splits else ""))
 
-    def _karpathy(self, images: list[dict], root: Path, splits: set[str] | None) -> None:
-        for img in images:
-            if splits and img.get("split") not in splits:
-                continue
-            rel = Path(img.get("filepath", "")) / img["filename"]
-            key = str(img.get("cocoid", img.get("imgid", img["filename"])))
-            self.items.append((key, str(root / rel), [s.get("raw", " ".join(s.get("tokens", [])))
-                                                      for s in img.get("sentences", [])]))
 
-    def _coco(self, data: dict, root: Path) -> None:
-        captions: dict[Any, list[str]] = {}
-        for ann in data["annotations"]:
-            captions.setdefault(ann["image_id"], []).append(ann.get("caption"))
-        for img in sorted(data["images"], key=lambda i: i["id"]):
-            self.items.append((str(img["id"]), str(root / img["file_name"]), captions.get(img["id"], [])))
+def _numeric(key: str) -> int | float:
+    try:
+        return int(key)
+    except ValueError:
+        return float("inf")
 
 
 class EmbeddingsReader:
@@ -369,7 +463,7 @@ class EmbeddingsReader:
         self.dim = None
         for emb_path, meta_path in self.pairs:
             names = pq.ParquetFile(meta_path).schema_arrow.names
-            _check_columns(meta_path, [cfg.caption_column] + ([cfg.key_column] if cfg.key_column else []), names)
+            _check_columns(meta_path, [c for c in (cfg.options.caption_column, cfg.options.key_column) if c], names)
             emb = np.load(emb_path, mmap_mode="r")
             rows = pq.ParquetFile(meta_path).metadata.num_rows
             if emb.ndim != 2 or emb.shape[0] != rows:
@@ -397,15 +491,16 @@ class EmbeddingsReader:
 
         emb_path, meta_path = self.pairs[unit]
         emb = np.load(emb_path, mmap_mode="r")  # (N, C) read lazily, row by row
-        cfg = self.cfg
+        opts = self.cfg.options
         names = pq.ParquetFile(meta_path).schema_arrow.names
-        key_col = cfg.key_column or next((c for c in ("key", "image_path", "url") if c in names), None)
-        table = pq.read_table(meta_path, columns=list(dict.fromkeys([cfg.caption_column] + ([key_col] if key_col else []))))
-        captions = table.column(cfg.caption_column).to_pylist()
+        key_col = opts.key_column or next((c for c in ("key", "image_path", "url") if c in names), None)
+        wanted = [c for c in (opts.caption_column, key_col) if c]
+        table = pq.read_table(meta_path, columns=list(dict.fromkeys(wanted)))
+        captions = table.column(opts.caption_column).to_pylist() if opts.caption_column else [None] * len(emb)
         keys = table.column(key_col).to_pylist() if key_col else [f"{meta_path.stem}/{i}" for i in range(len(captions))]
         for row, (key, caption) in enumerate(zip(keys, captions)):
-            yield Record(str(key), None, caption if isinstance(caption, list) else [caption],
-                         embedding=np.asarray(emb[row], dtype=np.float32))
+            captions_of_row = caption if isinstance(caption, list) else [] if caption is None else [caption]
+            yield Record(str(key), None, captions_of_row, embedding=np.asarray(emb[row], dtype=np.float32))
 
 
 # Registry: --input_format -> reader class.

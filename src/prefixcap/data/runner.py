@@ -32,12 +32,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from prefixcap.data.decode import DEFAULT_MAX_IMAGE_PIXELS, decode_caption, decode_image
+from prefixcap.data.decode import decode_caption
+from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, raise_pil_limit
 from prefixcap.data.readers import Reader, Record
 from prefixcap.data.shards import (
     FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, ShardContent, atomic_write_json, completed_shards, write_shard,
@@ -46,10 +47,20 @@ from prefixcap.language_models import tokenize_caption
 
 PROGRESS_DIR = "progress"
 MAX_SKIPPED_KEYS_PER_SHARD = 10000
+MAX_CHARS_PER_TOKEN = 64  # captions are cut to max_token_length * this many characters before tokenizing
 
 
 class SettingsMismatchError(ValueError):
     """Raised when an output folder was started with other encoder/tokenizer/input settings."""
+
+
+class NoUsableSamplesError(RuntimeError):
+    """Every input sample was skipped: no dataset is declared complete; the message says what was
+    looked for and what the input holds."""
+
+
+# Records that stand for a tar member or a tar, not a sample: their key is not a sample key.
+_NOT_SAMPLE_REASONS = ("duplicate_member", "truncated_tar")
 
 
 @dataclass
@@ -95,13 +106,15 @@ class PixelPipeline:
 
 
 class _ResizeCrop:
-    """Picklable: an HF image processor with rescale/normalise switched off -> uint8 (3, H, W)."""
+    """Picklable: the encoder's HFPreprocessor with rescale/normalise switched off -> uint8 (3, H, W)."""
 
-    def __init__(self, processor: Any):
-        self.processor = processor
+    def __init__(self, full: Any):
+        self.full = full
 
     def __call__(self, image: Any) -> np.ndarray:
-        out = self.processor(images=image, do_rescale=False, do_normalize=False, return_tensors="np")
+        # full.fit crops an extreme aspect ratio first, exactly as the full preprocessor does.
+        out = self.full.processor(images=self.full.fit(image), do_rescale=False, do_normalize=False,
+                                  return_tensors="np")
         return np.clip(np.rint(np.asarray(out["pixel_values"][0], dtype=np.float32)), 0, 255).astype(np.uint8)
 
 
@@ -128,7 +141,7 @@ def make_pixel_pipeline(encoder: Any) -> PixelPipeline:
     processor = getattr(full, "processor", None)
     if processor is not None and all(hasattr(processor, a) for a in ("image_mean", "image_std", "rescale_factor")):
         try:
-            worker_fn = _ResizeCrop(processor)
+            worker_fn = _ResizeCrop(full)
             norm = _DeviceNormalize(float(processor.rescale_factor) if processor.do_rescale else 1.0,
                                     list(processor.image_mean) if processor.do_normalize else [0.0] * 3,
                                     list(processor.image_std) if processor.do_normalize else [1.0] * 3)
@@ -174,6 +187,7 @@ _SETUP: _WorkerSetup | None = None
 def _worker_init(setup: _WorkerSetup) -> None:
     global _SETUP
     _SETUP = setup
+    raise_pil_limit(setup.max_pixels)  # spawned workers start with PIL's default
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
     if sys.platform.startswith("linux"):
@@ -185,6 +199,7 @@ def _worker_init(setup: _WorkerSetup) -> None:
 
 def _process_record(setup: _WorkerSetup, record: Record, slot: int, row: int) -> ItemResult:
     result = ItemResult(record.key, record.reason)
+    max_chars = setup.max_token_length * MAX_CHARS_PER_TOKEN
     for raw in record.captions:
         text, note = decode_caption(raw)
         if text is None:
@@ -192,10 +207,15 @@ def _process_record(setup: _WorkerSetup, record: Record, slot: int, row: int) ->
             continue
         if note:
             result.conversions.append(note)
-        tok = tokenize_caption(setup.tokenizer, setup.family, text, setup.max_token_length)
+        cut = len(text) > max_chars  # a 1 MB caption is not worth tokenizing whole
+        tok = tokenize_caption(setup.tokenizer, setup.family, text[:max_chars] if cut else text,
+                               setup.max_token_length)
+        if tok.truncated or cut:
+            # Store the text the stored tokens say, not the whole caption they were cut from.
+            text = setup.tokenizer.decode(tok.tokens, skip_special_tokens=True).strip()
         result.captions.append(text)
         result.tokens.append(tok.tokens)
-        result.num_truncated += int(tok.truncated)
+        result.num_truncated += int(tok.truncated or cut)
     if result.reason:
         return result
     if not result.captions:
@@ -313,16 +333,27 @@ def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Write settings.json on the first run; refuse a rerun into the same folder with other settings."""
     path = folder / SETTINGS
     if path.exists():
-        old = json.loads(path.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        old, new = _flatten(json.loads(path.read_text())), _flatten(settings)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            lines = [f"  {k}: folder has {old.get(k)!r}, this run asks for {settings.get(k)!r}" for k in diff]
+            lines = "; ".join(f"{k}: folder has {old.get(k)!r}, this run asks for {new.get(k)!r}" for k in diff)
             raise SettingsMismatchError(
-                f"{folder} was preprocessed with other settings; refusing to mix them in one dataset:\n"
-                + "\n".join(lines) + "\nUse another --output_folder, or rerun with the original settings to resume."
+                f"{folder} was preprocessed with other settings ({lines}); rerun with the original settings to "
+                "resume, add --overwrite to start the folder afresh, or use another --output_folder"
             )
     else:
         atomic_write_json(path, settings)
+
+
+def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
+    # {"reader": {"wds_caption_key": ...}} -> {"wds_caption_key": ...}: a mismatch names the one flag.
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in _flatten(value).items() if k not in settings})
+        else:
+            flat[key] = value
+    return flat
 
 
 def _unit_progress(done: dict[str, dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
@@ -352,9 +383,12 @@ def try_write_manifest(folder: Path, world_size: int, header: dict[str, Any]) ->
     skipped: Counter = Counter()
     converted: Counter = Counter()
     shards, num_images, num_captions, num_truncated, unit_norm = [], 0, 0, 0, True
+    records, layout = 0, None
     for name, stats in completed_shards(folder).items():
         if not parse_shard_name(name):
             continue
+        records += stats.get("records", 0)
+        layout = layout or stats.get("input_layout")
         skipped.update(stats.get("skipped", {}))
         converted.update(stats.get("converted", {}))
         num_truncated += stats.get("num_truncated", 0)
@@ -363,6 +397,8 @@ def try_write_manifest(folder: Path, world_size: int, header: dict[str, Any]) ->
             shards.append({"name": name, "num_images": stats["num_images"], "num_captions": stats["num_captions"]})
             num_images += stats["num_images"]
             num_captions += stats["num_captions"]
+    if num_images == 0:
+        raise NoUsableSamplesError(_no_samples_message(folder, records, skipped, layout))
     manifest = {
         **header,
         "normalized": bool(header.get("normalized", False)) or (header.get("input_format") == "embeddings"
@@ -381,6 +417,16 @@ def try_write_manifest(folder: Path, world_size: int, header: dict[str, Any]) ->
     return manifest
 
 
+def _no_samples_message(folder: Path, records: int, skipped: Counter, layout: str | None) -> str:
+    from prefixcap.data.decode import SKIP_REASONS
+
+    reasons = ", ".join(f"{r}: {n} ({SKIP_REASONS.get(r, r)})" for r, n in skipped.most_common())
+    message = (f"no usable sample: all {records} input samples were skipped" + (f" ({reasons})" if reasons else "")
+               + (f"; {layout}" if layout else ""))
+    return (message + f". {folder} is not a dataset (no manifest.json was written); fix the flags and rerun "
+            "with --overwrite")
+
+
 def _allocate_buffers(slots: int, batch: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
     """Anonymous shared memory inherited by forked workers (not limited by a small /dev/shm)."""
     import mmap
@@ -391,6 +437,17 @@ def _allocate_buffers(slots: int, batch: int, shape: tuple[int, ...], dtype: np.
     except (OSError, AttributeError, ValueError):
         return None
     return np.frombuffer(buf, dtype=dtype, count=slots * batch * int(np.prod(shape))).reshape(slots, batch, *shape)
+
+
+def _lookahead(records: Iterator[Record]) -> Iterator[tuple[Record, bool]]:
+    """(record, whether another follows): a part can be closed as its unit's last without an empty part."""
+    previous = None
+    for record in records:
+        if previous is not None:
+            yield previous, True
+        previous = record
+    if previous is not None:
+        yield previous, False
 
 
 class Runner:
@@ -480,6 +537,7 @@ class Runner:
         setup = _WorkerSetup(pixels.worker_fn if pixels else None, buffers, self.tokenizer, self.family,
                              self.max_token_length, cfg.max_image_pixels,
                              (pixels.shape[-1] if cfg.jpeg_draft and pixels else None))
+        raise_pil_limit(cfg.max_image_pixels)  # decode_image checks the limit itself; PIL must not be stricter
         if workers:
             ctx = mp.get_context("fork" if use_fork else "spawn")
             pool: Any = ctx.Pool(workers, initializer=_worker_init, initargs=(setup,))
@@ -521,21 +579,24 @@ class Runner:
         """Producer thread: records -> batches -> chunks submitted to the pool, in order."""
         cfg = self.cfg
         try:
+            seen = self._consumed_keys()
             for unit, part, skip in plan:
-                records = islice(self.reader.records(unit), skip, None)
+                records = _lookahead(islice(self.reader.records(unit), skip, None))
                 batch: list[Record] = []
                 in_part = 0
                 subset_stop = False
-                for record in records:
+                for record, more in records:
                     if stop.is_set():
                         return
-                    batch.append(record)
+                    batch.append(self._dedup(record, seen))
                     in_part += 1
                     consumed += 1
                     subset_stop = quota is not None and consumed >= quota
                     if subset_stop:
                         break
-                    if in_part == cfg.samples_per_shard:
+                    if in_part == cfg.samples_per_shard and more:
+                        # a full part with records after it; a unit that ends exactly here ends below,
+                        # marked last, instead of leaving an empty part behind it
                         self._submit(unit, part, batch, True, False, False, pool, jobs, free_slots, workers)
                         batch, in_part, part = [], 0, part + 1
                     elif len(batch) == cfg.batch_size:
@@ -547,6 +608,31 @@ class Runner:
             jobs.put(None)
         except BaseException as err:  # noqa: BLE001 - hand the error to the main thread
             jobs.put(err)
+
+    def _dedup(self, record: Record, seen: set[int]) -> Record:
+        """Keep the first record of a key; a later one (same key in a tar, in another tar, x.jpg and
+        x.png) is skipped as duplicate_key. Keys are remembered as 64-bit hashes (this rank's input)."""
+        if record.reason in _NOT_SAMPLE_REASONS:
+            return record
+        h = hash(record.key)
+        if h in seen:
+            return Record(record.key, None, [], reason="duplicate_key")
+        seen.add(h)
+        return record
+
+    def _consumed_keys(self) -> set[int]:
+        """Keys of the records this rank's completed parts consumed, so a resumed run skips the same duplicates."""
+        from prefixcap.data.shards import shard_keys
+
+        mine = set(range(self.cfg.rank, len(self._units), self.cfg.world_size))
+        seen: set[int] = set()
+        for name, stats in completed_shards(self.folder).items():
+            parsed = parse_shard_name(name)
+            if not parsed or parsed[0] not in mine:
+                continue
+            seen.update(hash(k) for k in shard_keys(self.folder, name))
+            seen.update(hash(k) for k, reason in stats.get("skipped_keys", []) if reason not in _NOT_SAMPLE_REASONS)
+        return seen
 
     def _submit(self, unit: int, part: int, batch: list[Record], end_of_part: bool, last: bool, subset_stop: bool,
                 pool: Any, jobs: queue.Queue, free_slots: queue.Queue, workers: int) -> None:
@@ -636,10 +722,13 @@ class Runner:
             "skipped": dict(part.skipped), "converted": dict(part.converted), "num_truncated": part.num_truncated,
             "skipped_keys": part.skipped_keys, "unit_norm": part.unit_norm,
         }
+        layout = getattr(self.reader, "input_layout", None)  # what was looked for / found, for an empty run
+        if not part.keys and callable(layout) and layout():
+            stats["input_layout"] = layout()
         write_shard(self.folder, shard_name(part.unit, part.part), content, stats)
         summary.num_images += len(part.keys)
         summary.num_captions += len(part.captions)
         summary.skipped.update(part.skipped)
         summary.converted.update(part.converted)
         summary.num_truncated += part.num_truncated
-        summary.shards_written += 1
+        summary.shards_written += bool(part.keys)  # as the manifest counts them: shards holding images

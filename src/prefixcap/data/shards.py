@@ -94,6 +94,12 @@ def write_shard(folder: str | Path, name: str, content: ShardContent, stats: dic
     return shard_dir / f"{name}.json"
 
 
+def shard_keys(folder: str | Path, name: str) -> list[str]:
+    """The image keys a shard holds (its images file's key column only)."""
+    path = Path(folder) / SHARD_DIR / f"{name}.images.arrow"
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all().column("key").to_pylist()
+
+
 def completed_shards(folder: str | Path) -> dict[str, dict[str, Any]]:
     """name -> stats of every complete shard (those whose stats json exists), sorted by name."""
     shard_dir = Path(folder) / SHARD_DIR

@@ -85,7 +85,7 @@ def _image_processor(folder: str | Path):
 
 def preprocess_images(processor, images: Sequence[Image.Image], chunk: int = 512) -> torch.Tensor:
     """PIL images -> (N, 3, H, W) float32 pixels with the encoder's own resize/crop/normalise."""
-    from prefixcap.encoders import to_rgb
+    from prefixcap.data.images import to_rgb
 
     parts = []
     for start in range(0, len(images), chunk):
@@ -135,7 +135,7 @@ def pretrain_clip(images: Sequence[Image.Image], captions: Sequence[str], out_di
     from tqdm import tqdm
     from transformers import AutoTokenizer, CLIPModel
 
-    from prefixcap.tiny_models import build_tiny_clip, default_corpus
+    from prefixcap.demo.tiny_models import build_tiny_clip, default_corpus
 
     if len(images) != len(captions):
         raise ValueError(f"pretrain_clip: {len(images)} images but {len(captions)} captions; expected one each")
@@ -304,12 +304,12 @@ def chance_levels(labels: Sequence[Sequence[str]], names: Sequence[str] = ATTRIB
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m prefixcap.clip_pretrain SHARDS... --out DIR: pretrain a tiny CLIP on webdataset pairs."""
+    """python -m prefixcap.demo.clip_pretrain SHARDS... --out DIR: pretrain a tiny CLIP on webdataset pairs."""
     import argparse
 
-    from prefixcap.synthetic import read_shards
+    from prefixcap.demo.synthetic import read_shards
 
-    parser = argparse.ArgumentParser(prog="python -m prefixcap.clip_pretrain", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m prefixcap.demo.clip_pretrain", description=main.__doc__)
     parser.add_argument("shards", nargs="+", help="webdataset .tar shards with {key}.jpg/.png and {key}.txt")
     parser.add_argument("--out", required=True, help="model folder to write (replaced if it exists)")
     defaults = ClipPretrainConfig()

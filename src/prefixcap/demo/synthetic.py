@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prefixcap.tiny_models import COLOURS, SHAPES
+from prefixcap.demo.tiny_models import COLOURS, SHAPES
 
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "test")
@@ -454,10 +454,10 @@ def sample_attributes(meta: dict) -> Attributes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m prefixcap.synthetic OUT [--num_train N] ...: write the dataset, print a summary."""
+    """python -m prefixcap.demo.synthetic OUT [--num_train N] ...: write the dataset, print a summary."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m prefixcap.synthetic", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m prefixcap.demo.synthetic", description=main.__doc__)
     parser.add_argument("out_dir")
     defaults = SyntheticConfig()
     parser.add_argument("--num_train", type=int, default=defaults.num_train)

@@ -1,4 +1,4 @@
-"""The offline demo: synthetic shapes -> tiny CLIP + tiny GPT-2 -> the real stages -> a report.
+"""The offline demo as a library: synthetic shapes -> tiny CLIP + tiny GPT-2 -> the real stages -> a report.
 
 Every stage runs through its public command (`prefixcap preprocess/train/caption/evaluate`), with
 the argv a user would type, printed before it runs. Nothing is downloaded.
@@ -6,11 +6,9 @@ the argv a user would type, printed before it runs. Nothing is downloaded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prefixcap.argtypes import non_negative_int, positive_int
 
 
 @dataclass
@@ -78,10 +75,12 @@ def _stage(name: str, seconds: dict[str, float]) -> Iterator[None]:
     print(f"--- {name}: {seconds[name]:.1f} s", flush=True)
 
 
-def _run(command: str, main, argv: list[str]) -> None:
-    """Run a stage's public entry point exactly as `prefixcap COMMAND ARGV` would."""
+def _run(command: str, argv: list[str]) -> None:
+    """Run a stage through the one CLI entry point, exactly as `prefixcap COMMAND ARGV` would."""
+    from prefixcap.cli import main
+
     print("$ prefixcap " + command + " " + " ".join(_quote(a) for a in argv), flush=True)
-    code = main(argv)
+    code = main([command, *argv])
     if code:
         raise RuntimeError(f"`prefixcap {command}` failed with exit code {code}")
 
@@ -99,8 +98,8 @@ def _clip_stamp(cfg: DemoConfig, data_config: dict) -> dict:
 
 def _train_tiny_clip(cfg: DemoConfig, dataset, clip_dir: Path) -> str:
     """Pretrain (or reuse) the tiny CLIP stand-in on the training pairs."""
-    from prefixcap.clip_pretrain import ClipPretrainConfig, pretrain_clip
-    from prefixcap.synthetic import read_shards, sample_attributes
+    from prefixcap.demo.clip_pretrain import ClipPretrainConfig, pretrain_clip
+    from prefixcap.demo.synthetic import read_shards, sample_attributes
 
     stamp_path = clip_dir / "demo_stamp.json"
     stamp = _clip_stamp(cfg, dataset.config.to_json())
@@ -123,7 +122,7 @@ def _train_tiny_clip(cfg: DemoConfig, dataset, clip_dir: Path) -> str:
 
 def _export_test_split(dataset, folder: Path) -> list[dict]:
     """Write held-out images as files plus their references; returns one row per image."""
-    from prefixcap.synthetic import read_shards, sample_attributes
+    from prefixcap.demo.synthetic import read_shards, sample_attributes
 
     if folder.exists():
         shutil.rmtree(folder)
@@ -146,7 +145,7 @@ def _contact_sheet(rows: list[dict], predictions: dict[str, str], out: Path, cou
     """A grid of held-out images, each with its predicted caption (green: all attributes right)."""
     from PIL import Image, ImageDraw
 
-    from prefixcap.synthetic import attributes_correct
+    from prefixcap.demo.synthetic import attributes_correct
 
     cell_w, img_h, text_h, cols = 200, 128, 44, 6
     shown = rows[:count]
@@ -201,9 +200,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from prefixcap import caption_cli, evaluate, preprocess, train
-    from prefixcap.synthetic import SyntheticConfig, attribute_accuracy, write_dataset
-    from prefixcap.tiny_models import build_tiny_gpt2, default_corpus
+    from prefixcap.demo.synthetic import attribute_accuracy
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the demo's own output
     torch.set_num_threads(cfg.threads)
@@ -214,79 +211,18 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     print(f"{os.cpu_count()} CPU cores, {cfg.threads} torch thread(s), load average {_fmt_load(load_start)}")
     t0 = time.perf_counter()
 
-    with _stage("1. synthetic dataset (webdataset shards)", seconds):
-        data_cfg = SyntheticConfig(num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
-        dataset = write_dataset(work / "data", data_cfg, progress=False)
-        print(f"{'reused' if dataset.reused else 'wrote'} {dataset.counts['train']} train and "
-              f"{dataset.counts['test']} held-out samples in {work / 'data'}")
-
+    dataset = _make_data(cfg, work, seconds)
     with _stage("2. tiny CLIP stand-in (contrastive pretraining)", seconds):
-        clip_dir = work / "clip"
-        _train_tiny_clip(cfg, dataset, clip_dir)
-
+        _train_tiny_clip(cfg, dataset, work / "clip")
     # Everything below depends on the data and encoder: rebuilt on every run, so a rerun never
     # mixes artifacts of two configurations.
     for name in ("lm", "preprocessed", "models", "eval", "eval_baseline", "test_images"):
         shutil.rmtree(work / name, ignore_errors=True)
-
-    with _stage("3. tiny GPT-2 stand-in (tokenizer trained on the captions)", seconds):
-        from prefixcap.synthetic import read_shards
-
-        train_captions = [s.caption for s in read_shards(dataset.shard_paths("train"))]
-        build_tiny_gpt2(work / "lm", corpus=default_corpus() + train_captions, n_embd=cfg.lm_width,
-                        n_layer=cfg.lm_layers, n_head=cfg.lm_heads, seed=cfg.seed)
-
-    with _stage("4. preprocess", seconds):
-        _run("preprocess", preprocess.main, [
-            "--input_dataset", *dataset.shard_paths("train"), "--input_format", "webdataset",
-            "--output_folder", str(work / "preprocessed"), "--wds_image_key", "jpg", "--wds_caption_key", "txt",
-            "--clip_model", str(work / "clip"), "--tokenizer_model_type", "gpt2",
-            "--tokenizer_model_variant", str(work / "lm"), "--max_token_length", "32",
-            "--prefix_length", str(cfg.prefix_length), "--batch_size", "256",
-            "--num_prepro_workers", str(min(2, os.cpu_count() or 1)), "--device", "cpu", "--no_progress",
-        ])
-
-    with _stage("5. train (mapper + fine-tuned LM)", seconds):
-        _run("train", train.main, [
-            "--data_dir", str(work / "preprocessed"), "--output_dir", str(work / "models"),
-            "--output_filename_prefix", "demo_model", "--epochs", str(cfg.epochs), "--save_every_epochs", "0",
-            "--save_every_steps", "1000000", "--prefix_length", str(cfg.prefix_length),
-            "--mapping_type", cfg.mapping_type, "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr),
-            "--warmup_steps", str(cfg.warmup_steps), "--seed", str(cfg.seed), "--num_workers", "0",
-            "--val_fraction", "0",
-        ])
-        model_dir = work / "models" / "demo_model_final.ckpt"
-
-    with _stage("6. caption the held-out images", seconds):
-        rows = _export_test_split(dataset, work / "test_images")
-        predictions_path = work / "predictions.jsonl"
-        _run("caption", caption_cli.main, [
-            "--model", str(model_dir), str(work / "test_images"), "--output", str(predictions_path),
-            "--batch_size", "100", "--device", "cpu", "--no_progress",
-        ])
-        predicted = {Path(r["key"]).stem: r.get("caption", "") for r in _read_jsonl(predictions_path)}
-
-    with _stage("7. evaluate (model and most-frequent-caption baseline)", seconds):
-        refs_path = work / "references.jsonl"
-        metric_flags = ["--metrics", cfg.eval_metrics] if cfg.eval_metrics else []
-        refs_path.write_text("".join(json.dumps({"key": r["key"], "image": r["image"], "captions": r["captions"]})
-                                     + "\n" for r in rows))
-        _run("evaluate", evaluate.main, [
-            "--predictions", str(predictions_path), "--references", str(refs_path),
-            "--images", str(work / "test_images"), "--clip_model", str(work / "clip"),
-            "--output_dir", str(work / "eval"), "--no_spice", *metric_flags,
-        ])
-        baseline_caption = Counter(train_captions).most_common(1)[0][0]
-        baseline_path = work / "baseline_predictions.jsonl"
-        baseline_path.write_text("".join(json.dumps({"key": r["key"], "caption": baseline_caption}) + "\n"
-                                         for r in rows))
-        _run("evaluate", evaluate.main, [
-            "--predictions", str(baseline_path), "--references", str(refs_path),
-            "--images", str(work / "test_images"), "--clip_model", str(work / "clip"),
-            "--output_dir", str(work / "eval_baseline"), "--no_spice", *metric_flags,
-        ])
-        metrics = _headline_metrics(work / "eval")
-        baseline = _headline_metrics(work / "eval_baseline")
+    train_captions = _build_lm(cfg, dataset, work, seconds)
+    _preprocess(cfg, dataset, work, seconds)
+    model_dir = _train(cfg, work, seconds)
+    rows, predicted = _caption_test_split(dataset, model_dir, work, seconds)
+    metrics, baseline, baseline_caption = _evaluate(cfg, rows, train_captions, work, seconds)
 
     accuracy = attribute_accuracy([predicted.get(r["key"], "") for r in rows], [r["attributes"] for r in rows])
     _contact_sheet(rows, predicted, work / "contact_sheet.png", cfg.sheet_images)
@@ -299,6 +235,88 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     _write_report(cfg, result, work)
     _print_summary(result, work)
     return result
+
+
+def _make_data(cfg: DemoConfig, work: Path, seconds: dict[str, float]):
+    from prefixcap.demo.synthetic import SyntheticConfig, write_dataset
+
+    with _stage("1. synthetic dataset (webdataset shards)", seconds):
+        data_cfg = SyntheticConfig(num_train=cfg.num_train, num_test=cfg.num_test, seed=cfg.seed)
+        dataset = write_dataset(work / "data", data_cfg, progress=False)
+        print(f"{'reused' if dataset.reused else 'wrote'} {dataset.counts['train']} train and "
+              f"{dataset.counts['test']} held-out samples in {work / 'data'}")
+    return dataset
+
+
+def _build_lm(cfg: DemoConfig, dataset, work: Path, seconds: dict[str, float]) -> list[str]:
+    """The tiny GPT-2 stand-in; returns the training captions (its tokenizer's corpus)."""
+    from prefixcap.demo.synthetic import read_shards
+    from prefixcap.demo.tiny_models import build_tiny_gpt2, default_corpus
+
+    with _stage("3. tiny GPT-2 stand-in (tokenizer trained on the captions)", seconds):
+        train_captions = [s.caption for s in read_shards(dataset.shard_paths("train"))]
+        build_tiny_gpt2(work / "lm", corpus=default_corpus() + train_captions, n_embd=cfg.lm_width,
+                        n_layer=cfg.lm_layers, n_head=cfg.lm_heads, seed=cfg.seed)
+    return train_captions
+
+
+def _preprocess(cfg: DemoConfig, dataset, work: Path, seconds: dict[str, float]) -> None:
+    with _stage("4. preprocess", seconds):
+        _run("preprocess", [
+            "--input_dataset", *dataset.shard_paths("train"), "--input_format", "webdataset",
+            "--output_folder", str(work / "preprocessed"), "--wds_image_key", "jpg", "--wds_caption_key", "txt",
+            "--clip_model", str(work / "clip"), "--tokenizer_model_type", "gpt2",
+            "--tokenizer_model_variant", str(work / "lm"), "--max_token_length", "32",
+            "--prefix_length", str(cfg.prefix_length), "--batch_size", "256",
+            "--num_prepro_workers", str(min(2, os.cpu_count() or 1)), "--device", "cpu", "--no_progress",
+        ])
+
+
+def _train(cfg: DemoConfig, work: Path, seconds: dict[str, float]) -> Path:
+    with _stage("5. train (mapper + fine-tuned LM)", seconds):
+        _run("train", [
+            "--data_dir", str(work / "preprocessed"), "--output_dir", str(work / "models"),
+            "--output_filename_prefix", "demo_model", "--epochs", str(cfg.epochs), "--save_every_epochs", "0",
+            "--save_every_steps", "1000000", "--prefix_length", str(cfg.prefix_length),
+            "--mapping_type", cfg.mapping_type, "--batch_size", str(cfg.batch_size), "--lr", str(cfg.lr),
+            "--warmup_steps", str(cfg.warmup_steps), "--seed", str(cfg.seed), "--num_workers", "0",
+            "--val_fraction", "0",
+        ])
+    return work / "models" / "demo_model_final.ckpt"
+
+
+def _caption_test_split(dataset, model_dir: Path, work: Path, seconds: dict[str, float]
+                        ) -> tuple[list[dict], dict[str, str]]:
+    with _stage("6. caption the held-out images", seconds):
+        rows = _export_test_split(dataset, work / "test_images")
+        predictions_path = work / "predictions.jsonl"
+        _run("caption", [
+            "--model", str(model_dir), str(work / "test_images"), "--output", str(predictions_path),
+            "--batch_size", "100", "--device", "cpu", "--no_progress",
+        ])
+        predicted = {Path(r["key"]).stem: r.get("caption", "") for r in _read_jsonl(predictions_path)}
+    return rows, predicted
+
+
+def _evaluate(cfg: DemoConfig, rows: list[dict], train_captions: list[str], work: Path,
+              seconds: dict[str, float]) -> tuple[dict[str, float], dict[str, float], str]:
+    """Score the model's captions and a most-frequent-caption baseline against the same references."""
+    with _stage("7. evaluate (model and most-frequent-caption baseline)", seconds):
+        refs_path = work / "references.jsonl"
+        refs_path.write_text("".join(json.dumps({"key": r["key"], "image": r["image"], "captions": r["captions"]})
+                                     + "\n" for r in rows))
+        baseline_caption = Counter(train_captions).most_common(1)[0][0]
+        baseline_path = work / "baseline_predictions.jsonl"
+        baseline_path.write_text("".join(json.dumps({"key": r["key"], "caption": baseline_caption}) + "\n"
+                                         for r in rows))
+        metric_flags = ["--metrics", cfg.eval_metrics] if cfg.eval_metrics else []
+        for predictions, out in ((work / "predictions.jsonl", "eval"), (baseline_path, "eval_baseline")):
+            _run("evaluate", [
+                "--predictions", str(predictions), "--references", str(refs_path),
+                "--images", str(work / "test_images"), "--clip_model", str(work / "clip"),
+                "--output_dir", str(work / out), "--no_spice", *metric_flags,
+            ])
+    return _headline_metrics(work / "eval"), _headline_metrics(work / "eval_baseline"), baseline_caption
 
 
 def _load_average() -> list[float]:
@@ -336,47 +354,3 @@ def _print_summary(result: DemoResult, work: Path) -> None:
         print(f"{v:6.1f} s  {k}")
     print(f"{result.total_seconds:6.1f} s  total (load average at end {_fmt_load(result.load_average.get('end'))})")
     print(f"\nreport: {work / 'report.md'}  contact sheet: {work / 'contact_sheet.png'}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = DemoConfig()
-    p = argparse.ArgumentParser(prog="prefixcap demo",
-                                description="Offline end-to-end demo: the whole pipeline learns to caption "
-                                            "synthetic shapes with a tiny CLIP and a tiny GPT-2.")
-    p.add_argument("--workdir", default=d.workdir, help="everything the demo writes stays here")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--quick", action="store_true",
-                   help="smaller run (~100 s on 2 cores instead of ~180 s): "
-                        + ", ".join(f"{k}={v}" for k, v in QUICK.items()) + "; explicit size flags still win")
-    p.add_argument("--num_train", type=positive_int, help=f"training images (default {d.num_train})")
-    p.add_argument("--num_test", type=positive_int, help=f"held-out images (default {d.num_test})")
-    p.add_argument("--clip_max_steps", type=non_negative_int,
-                   help=f"tiny-CLIP training steps (default {d.clip_max_steps}); 0: train for --clip_seconds")
-    p.add_argument("--clip_seconds", type=float, help=f"tiny-CLIP time budget when --clip_max_steps 0 "
-                                                      f"(default {d.clip_seconds:g})")
-    p.add_argument("--epochs", type=positive_int, help=f"caption-model training epochs (default {d.epochs})")
-    p.add_argument("--batch_size", type=positive_int, help=f"caption-model batch size (default {d.batch_size})")
-    p.add_argument("--eval_metrics", help="evaluate only these metrics (evaluate's --metrics, e.g. "
-                                          "bleu,rouge,cider,clipscore); default: all but SPICE")
-    p.add_argument("--threads", type=positive_int, default=d.threads,
-                   help="torch intra-op threads (default %(default)s; keep it <= the free CPU cores: "
-                        "oversubscribed threads make tiny models many times slower)")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    """Defaults, then --quick's sizes, then any size flag given explicitly."""
-    values = {k: v for k, v in vars(args).items() if k != "quick" and v is not None}
-    if values.get("clip_max_steps") == 0:
-        values["clip_max_steps"] = None
-    base = QUICK if args.quick else {}
-    return DemoConfig(**{**base, **values})
-
-
-def main(argv: list[str] | None = None) -> int:
-    run_demo(config_from_args(build_parser().parse_args(argv)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
