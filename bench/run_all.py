@@ -156,9 +156,14 @@ def recaption_section() -> list[str]:
             f"+ resize {f['decode_ms_per_image_1core']} ms (one thread each). A serial loop would reach "
             f"{f['no_overlap_ratio']} of generate-only; the pipeline decodes later batches in threads and encodes "
             "the next batch in another thread while the current one generates, so on 2 cores the encoder's cost "
-            f"hides behind generation: measured {f['end_to_end_over_generate']} (bound "
-            f"{f['cpu_sharing_bound']}). On a GPU the same overlap hides decoding behind the device; encoding and "
-            "generation then share the GPU."]
+            f"can hide behind generation (bound {f['cpu_sharing_bound']} with two free cores). Measured: "
+            f"{f['end_to_end_over_generate']}. The run got {f.get('cores_used', {}).get('end_to_end', '?')} cores "
+            "end to end (CPU seconds / wall seconds) and generate-only "
+            f"{f.get('cores_used', {}).get('generate_before', '?')}–{f.get('cores_used', {}).get('generate_after', '?')}: "
+            "Linux autogroup scheduling gives each session one share of a busy machine however many threads it "
+            "runs, so the encoder thread could not get a core of its own and the ratio stayed near the serial "
+            "one. Rerun on an idle machine to see the overlap. On a GPU the same overlap hides decoding "
+            "behind the device; encoding and generation then share the GPU."]
 
 
 def plot() -> Path | None:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from prefixcap import caption_cli
-from prefixcap import evaluate as E
+from prefixcap import references as R
 from prefixcap import evaluate_cli as EC
 from prefixcap.data.coco import CocoFormatError, load_coco, parse_coco
 from prefixcap.data.readers import ReaderConfig, ReaderOptions, make_reader
@@ -52,7 +52,7 @@ def test_reader_and_references_key_images_alike(tmp_path, style):
     split = None if style == "coco" else "test"
     reader = make_reader(ReaderConfig([str(path)], "coco", ReaderOptions(coco_split=split)))
     records = list(reader.records(0))  # one unit: fewer images than samples_per_shard
-    refs = E.load_references(path, split or "test")
+    refs = R.load_references(path, split or "test")
     assert [r.key for r in records] == keys == list(refs.captions)
     for r in records:
         assert Path(r.image).is_file()

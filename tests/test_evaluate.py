@@ -11,6 +11,7 @@ from PIL import Image
 
 from prefixcap import caption as caption_module  # a broken import must fail the module, never skip it
 from prefixcap import evaluate as E
+from prefixcap import references as R
 from prefixcap import evaluate_cli as EC
 from prefixcap import metrics as M
 
@@ -103,8 +104,8 @@ def test_jsonl_predictions_limit_and_library_call(coco):
     # No --images: CLIPScore is not asked for here, so no CLIPScore notice either.
     assert not any("CLIPScore" in n for n in summary["notices"])
     # The same figures through the library function training calls.
-    refs = E.load_references(coco["refs"])
-    preds = E.load_predictions(coco["jsonl"]).captions
+    refs = R.load_references(coco["refs"])
+    preds = R.load_predictions(coco["jsonl"]).captions
     lib = E.evaluate_predictions({k: preds[k] for k in ("1", "2")}, refs.captions, metrics=["bleu", "cider"],
                                  tokenizer="simple", progress=False)
     assert lib["metrics"]["CIDEr"] == pytest.approx(summary["metrics"]["CIDEr"])
@@ -203,13 +204,13 @@ def test_karpathy_split_and_file_name_keys(tmp_path):
     ]}
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(data))
-    refs = E.load_references(path, "test")
+    refs = R.load_references(path, "test")
     assert refs.source == "karpathy" and refs.captions == {"1": ["A horse on a beach."]}
     assert refs.image_files["1"] == "val2014/COCO_val2014_000000000001.jpg"
     assert refs.resolve("COCO_val2014_000000000001") == "1"
-    assert list(E.load_references(path, "train,restval").captions) == ["3"]
-    with pytest.raises(E.EvaluationError, match="no image in split 'tset'.*restval, test, val"):
-        E.load_references(path, "tset")
+    assert list(R.load_references(path, "train,restval").captions) == ["3"]
+    with pytest.raises(R.EvaluationError, match="no image in split 'tset'.*restval, test, val"):
+        R.load_references(path, "tset")
     # Predictions keyed by file name are matched to the COCO ids.
     preds = tmp_path / "p.jsonl"
     preds.write_text(json.dumps({"key": "COCO_val2014_000000000001.jpg", "caption": "a horse on a beach"}) + "\n")
@@ -247,7 +248,7 @@ def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_
     paths = [coco["images"] / f"COCO_val2014_{i:012d}.jpg" for i in CAPTIONS]
     feats, _ = M.encode_images(enc, [str(p) for p in paths])
     data = write_preprocessed(tmp_path / "pre", tiny_clip, feats.numpy())
-    refs = E.load_references(data)
+    refs = R.load_references(data)
     assert refs.source == "preprocessed" and refs.captions["3"] == CAPTIONS[3]
     out = tmp_path / "out"
     rc = EC.main(["--predictions", str(coco["jsonl"]), "--references", str(data), "--metrics", "cider,clipscore",
@@ -256,7 +257,7 @@ def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["settings"]["clip"]["image_source"] == "embeddings"
     # Stored (float16) embeddings give the CLIPScore the images themselves give.
-    direct = E.evaluate_predictions(E.load_predictions(coco["jsonl"]).captions, refs.captions,
+    direct = E.evaluate_predictions(R.load_predictions(coco["jsonl"]).captions, refs.captions,
                                     images={str(i): str(p) for i, p in zip(CAPTIONS, paths)}, clip_model=enc,
                                     metrics=["clipscore"], progress=False)
     assert summary["metrics"]["CLIPScore"] == pytest.approx(direct["metrics"]["CLIPScore"], abs=2e-3)
@@ -304,7 +305,7 @@ def test_model_mode_on_images_and_on_embeddings(coco, tiny_artifact, tiny_clip, 
     summary, _, per = read_outputs(out)
     assert summary["settings"]["caption_input"] == "embeddings" and summary["counts"]["scored"] == 4
     assert summary["settings"]["clip"]["image_source"] == "embeddings"
-    emb = np.stack([E.load_references(data).embeddings[k] for k in ("1", "2", "3", "4")])
+    emb = np.stack([R.load_references(data).embeddings[k] for k in ("1", "2", "3", "4")])
     assert [p["caption"] for p in per] == cap.caption_embeddings(emb, max_new_tokens=5)
 
 

@@ -376,7 +376,8 @@ def test_serve_config_refuses_caps_outside_the_general_bounds():
 
 
 def test_evaluate_library_call_validates_its_settings(tmp_path):
-    from prefixcap.evaluate import EvaluateConfig, EvaluationError, run
+    from prefixcap.evaluate import EvaluateConfig, run
+    from prefixcap.references import EvaluationError
 
     base = dict(model=str(tmp_path / "model"), dataset=str(tmp_path / "refs.json"), output_dir=str(tmp_path))
     with pytest.raises(EvaluationError, match=r"decoding flags: temperature=1e-40 is out of range"):

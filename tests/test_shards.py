@@ -73,3 +73,14 @@ def test_settings_rerun_with_other_settings_is_refused(tmp_path):
     check_settings(tmp_path, {"clip_model": "a", "max_token_length": 8})  # same settings: resume
     with pytest.raises(SettingsMismatchError, match=r"max_token_length: folder has 8, this run asks for 16"):
         check_settings(tmp_path, {"clip_model": "a", "max_token_length": 16})
+
+
+def test_atomic_writes_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    import os
+
+    from prefixcap.data.shards import atomic_write_json
+
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(tmp_path / "m.json").st_mode & 0o777 == 0o666 & ~mask

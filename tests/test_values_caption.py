@@ -12,13 +12,9 @@ import pytest
 import torch
 
 from prefixcap.caption import Captioner
+from prefixcap.generation import GenerationSettings
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
-
-try:  # GenerationSettings moved to its own module; older trees keep it in caption.py
-    from prefixcap.generation import GenerationSettings
-except ImportError:  # pragma: no cover
-    from prefixcap.caption import GenerationSettings
 
 K, C = 4, 16
 MAX_NEW = 10

@@ -142,17 +142,30 @@ def test_clipping_bites_and_resume_through_it_is_bit_identical(data, tmp_path, m
     assert _max_diff(unclipped, expected) > 1e-4
 
 
-def test_validation_cider_is_computed_not_unavailable(data, tmp_path, capsys):
+def test_validation_cider_is_computed_not_unavailable(data, tmp_path, capsys, monkeypatch):
+    from prefixcap import evaluate as evaluate_module
     from prefixcap.caption import Captioner
     from prefixcap.data.shards import load_preprocessed
-    from prefixcap.evaluate import evaluate_predictions
 
+    calls = []
+    real = evaluate_module.evaluate_predictions
+
+    def recording(predictions, references, **kwargs):
+        result = real(predictions, references, **kwargs)
+        calls.append((dict(predictions), {k: list(v) for k, v in references.items()}, kwargs, result))
+        return result
+
+    monkeypatch.setattr(evaluate_module, "evaluate_predictions", recording)
     argv = _argv(data, tmp_path, 1, 0.0, "--val_fraction", "0.25", "--eval_cider_images", "3")
     result = train(parse_config(argv))
     out = capsys.readouterr().out
     assert "unavailable" not in out, out
     assert [c["step"] for c in result.cider] == [result.global_step]
-    # The figure is CIDEr of the final model's captions of the first 3 validation images.
+    assert len(calls) == 1
+    predictions, references, kwargs, returned = calls[0]
+    assert kwargs["metrics"] == ["cider"]
+    assert result.cider[0]["cider"] == returned["metrics"]["CIDEr"]
+    # The references: the first 3 validation images (in caption order), each with all its validation captions.
     ds = load_preprocessed(data)
     _, val_idx = split_by_image(ds, 0.25, SEED)
     refs: dict[str, list[str]] = {}
@@ -163,10 +176,12 @@ def test_validation_cider_is_computed_not_unavailable(data, tmp_path, capsys):
         if key in refs or len(refs) < 3:
             refs.setdefault(key, []).append(s.caption)
             emb[key] = s.embedding
+    assert references == refs
+    assert sum(len(v) for v in refs.values()) == 6  # two captions per image: none lost, none extra
+    # The predictions: the final model's greedy caption of each of those images, under its own key.
     captioner = Captioner(CaptionModel.from_pretrained(tmp_path / "demo_model_final.ckpt"))
     texts = captioner.caption_embeddings(np.stack([emb[k] for k in refs]))
-    expected = evaluate_predictions(dict(zip(refs, texts)), refs, metrics=["cider"], progress=False)
-    assert result.cider[0]["cider"] == pytest.approx(expected["metrics"]["CIDEr"], abs=1e-9)
+    assert predictions == dict(zip(refs, texts))
 
 
 @pytest.mark.parametrize("extra", [("--val_fraction", "0.25", "--eval_cider_images", "0"),  # CIDEr not asked for
@@ -184,3 +199,18 @@ def test_group_seed_depends_on_seed_rank_and_step_and_fits_torch():
     assert len(seeds) == 200
     assert all(0 <= x < 2 ** 63 for x in seeds)  # torch.manual_seed takes it on every platform
     assert _group_seed(42, 0, 7) == _group_seed(42, 0, 7)
+
+
+def test_failing_cider_is_one_notice_and_training_goes_on(data, tmp_path, capsys, monkeypatch):
+    from prefixcap import evaluate as evaluate_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("scorer exploded")
+
+    monkeypatch.setattr(evaluate_module, "evaluate_predictions", broken)
+    argv = _argv(data, tmp_path, 1, 0.0, "--val_fraction", "0.25", "--eval_cider_images", "2",
+                 "--eval_every_steps", "1")
+    result = train(parse_config(argv))
+    out = capsys.readouterr().out
+    assert result.global_step == 2 and result.cider == [] and len(result.val_losses) >= 2
+    assert out.count("CIDEr during training unavailable (scorer exploded)") == 1

@@ -146,10 +146,22 @@ class Captioner:
 
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixels -> (B, C) CLIP embeddings on the device."""
+        """(B, 3, H, W) pixels -> the mapper's input on the device: (B, C) CLIP embeddings, or (B, N, C)
+        patch tokens for a token mapper (pooled as in training)."""
         encoder = self.encoder
         with self._lock:
+            return self.features(pixels, encoder)
+
+    def features(self, pixels: torch.Tensor, encoder: ImageEncoder | None = None) -> torch.Tensor:
+        """encode_pixels without the lock (the caller serialises): (B, C) or (B, N, C) float32."""
+        encoder = encoder or self.encoder
+        mapping = self.config.mapping
+        if not mapping.takes_tokens:
             return encoder.encode_pixels(pixels)  # (B, C)
+        if not hasattr(encoder, "encode_patch_tokens"):
+            raise ValueError(f"this captioner's {mapping.mapping_type} mapper takes patch tokens, which "
+                             f"{type(encoder).__name__} ({self.clip_model}) does not provide")
+        return encoder.encode_patch_tokens(pixels, mapping.patch_pool)  # (B, N, C)
 
     # --- embeddings -> captions --------------------------------------------------------------
     def _generate_kwargs(self, settings: GenerationSettings, return_scores: bool) -> dict[str, Any]:
@@ -176,12 +188,15 @@ class Captioner:
     @torch.inference_mode()
     def generate(self, embeddings: torch.Tensor | np.ndarray, settings: GenerationSettings | None = None,
                  return_scores: bool = False, **generate_kwargs: Any) -> GenerationOutput:
-        """One batch of CLIP embeddings (B, C) -> generated token ids; the core of every caption call."""
+        """One batch of CLIP embeddings (B, C) (or patch tokens (B, N, C) for a token mapper) -> generated
+        token ids; the core of every caption call."""
         # Validated here too: settings built by hand reach generate without any other check.
         settings = (settings or self.settings).validate()
         emb = torch.as_tensor(embeddings).to(self.device)
-        if emb.ndim != 2 or emb.shape[1] != self.config.mapping.prefix_size:
-            raise ValueError(f"embeddings must have shape (B, {self.config.mapping.prefix_size}), "
+        expected = self.config.mapping.input_shape  # (C,) or (N, C)
+        if tuple(emb.shape[1:]) != expected or emb.ndim != len(expected) + 1:
+            what = "patch tokens" if self.config.mapping.takes_tokens else "embeddings"
+            raise ValueError(f"{what} must have shape (B, {', '.join(map(str, expected))}), "
                              f"got {tuple(emb.shape)}")
         kwargs = self._generate_kwargs(settings, return_scores)
         kwargs.update(generate_kwargs)
@@ -255,7 +270,7 @@ class Captioner:
 
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
         emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
-        if emb.ndim == 1:
+        if emb.ndim == len(self.config.mapping.input_shape):  # one image's (C,) or (N, C)
             emb = emb[None]
         outcomes = []
         for start in range(0, emb.shape[0], batch_size):

@@ -39,7 +39,7 @@ from prefixcap.recaption import ShardOutputOptions
 PROG = "prefixcap caption"
 # The reader flags `caption` offers (captions are not read, so no caption-source flags), and its defaults.
 READER_FLAGS = ("wds_image_key", "cache_path", "image_column", "caption_column", "key_column", "image_root",
-                "coco_split")
+                "coco_split", "hf_split", "hf_config", "hf_streaming")
 READER_DEFAULTS = {"caption_column": None}
 
 

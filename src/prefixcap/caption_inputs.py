@@ -18,7 +18,7 @@ GLOB_CHARS = set("*?[")
 # Extensions that name a dataset format in --input_format auto.
 AUTO_FORMATS = {".tar": "webdataset", ".parquet": "parquet", ".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl"}
 FORMATS = ("auto", "images", "preprocessed", "webdataset", "files", "parquet", "csv", "jsonl", "coco",
-           "embeddings")
+           "embeddings", "hf_dataset")
 
 
 class CaptionInputError(UsageError):

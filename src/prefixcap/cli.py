@@ -1,4 +1,4 @@
-"""One command-line entry point: `prefixcap {preprocess,train,caption,evaluate,serve,demo}`."""
+"""One command-line entry point: `prefixcap {preprocess,train,caption,evaluate,serve,push,demo}`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
     "evaluate": ("prefixcap.evaluate_cli", "COCO caption metrics and CLIPScore"),
     "serve": ("prefixcap.serve_cli", "HTTP captioning service with a web page"),
+    "push": ("prefixcap.push_cli", "upload a trained model with its model card to the Hugging Face Hub"),
     "demo": ("prefixcap.demo.cli", "offline end-to-end demo on a synthetic dataset"),
 }
 
@@ -39,8 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"prefixcap: unknown command {name!r}; expected one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    module = import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    from prefixcap.errors import PrefixcapError, exit_code_for
+
+    try:
+        module = import_module(SUBCOMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except (PrefixcapError, KeyboardInterrupt) as err:
+        # Each command reports its own errors; this is the one place that turns any that get
+        # through into the shared convention (one line, exit 2 usage / 1 runtime / 130 Ctrl-C).
+        message = "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)
+        print(f"prefixcap {name}: {message}", file=sys.stderr)
+        return exit_code_for(err)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from prefixcap.data.images import bound_aspect
+from prefixcap.errors import UsageError
 
 # OpenAI CLIP names (as the original ClipCap and the seed use them) -> Hugging Face model ids.
 # Names with no Hugging Face port (the ResNet CLIPs) are only reachable through open_clip.
@@ -26,7 +27,7 @@ OPENAI_WITHOUT_HF: tuple[str, ...] = ("RN50", "RN101", "RN50x4", "RN50x16", "RN5
 OPEN_CLIP_PREFIX = "open_clip:"
 
 
-class UnknownEncoderError(ValueError):
+class UnknownEncoderError(UsageError):
     """Raised for an encoder name that cannot be resolved."""
 
 
@@ -153,6 +154,24 @@ class HFClipEncoder:
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         return _features(self.model.get_image_features(pixel_values=pixels)).float()  # (B, C)
+
+    # Patch tokens (prefixcap.patch_tokens says which tokens and how they are pooled).
+    def patch_token_shape(self, pool: int = 1) -> tuple[int, int]:
+        """(N, C): tokens per image after P x P pooling, and their width (the embedding size)."""
+        from prefixcap.patch_tokens import grid_size, num_tokens, vision_parts
+
+        vision_parts(self.model)  # a clear error for a model without a CLIP vision tower
+        return num_tokens(grid_size(self.model), pool), self.embedding_dim
+
+    def encode_pixels_with_tokens(self, pixels: torch.Tensor, pool: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) -> (pooled (B, C), patch tokens (B, N, C)), float32, from one vision forward."""
+        from prefixcap.patch_tokens import encode_with_tokens
+
+        return encode_with_tokens(self.model, pixels.to(self.device, self.dtype, non_blocking=True), pool)
+
+    def encode_patch_tokens(self, pixels: torch.Tensor, pool: int = 1) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, C) float32 patch tokens (token 0 is the pooled embedding)."""
+        return self.encode_pixels_with_tokens(pixels, pool)[1]
 
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:

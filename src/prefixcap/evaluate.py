@@ -1,4 +1,4 @@
-"""`prefixcap evaluate`: score captions (a file of predictions, or a model's output) against references.
+"""Evaluation as a library: score captions (a predictions file, or a model's output) against references.
 
 Two modes:
   prefixcap evaluate --predictions preds.jsonl --references captions_val2014.json [--images DIR]
@@ -9,7 +9,6 @@ validation) call. Outputs: metrics.json (every figure + the settings), metrics.m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,19 +20,17 @@ from typing import Any
 import numpy as np
 
 from prefixcap import metrics as M
-from prefixcap.data.images import IMAGE_EXTENSIONS
 from prefixcap.data.readers import ReaderOptions
 from prefixcap.generation import GenerationSettings
+from prefixcap.evaluate_report import write_outputs
+from prefixcap.references import (EvaluationError, Predictions, References, clean_references, image_paths,
+                                  load_predictions, load_references)
 
 ALL_METRICS = (*M.COCO_METRICS, "clipscore")
 MAX_LISTED = 20  # problem keys listed in the report per category (all are counted)
 # The reader flags evaluate offers: --images is the image root and --split the Karpathy split.
 READER_FLAGS = ("wds_image_key", "wds_caption_key", "wds_caption_in_metadata", "image_column", "caption_column",
-                "key_column")
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation input; the message names the file, key or flag and what was expected."""
+                "key_column", "hf_split", "hf_config", "hf_streaming")
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,246 +63,6 @@ class EvaluateConfig:
     # Decoding (--model mode), passed to Captioner.caption; one caption per image is scored, so
     # num_return_sequences stays 1.
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-
-
-# ------------------------------------------------------------------------------------------
-# Loading predictions
-# ------------------------------------------------------------------------------------------
-@dataclass
-class Predictions:
-    """Captions by image key, in file order, plus what loading them found wrong."""
-
-    captions: dict[str, str]
-    errors: dict[str, str] = field(default_factory=dict)  # key -> the caption stage's error
-    duplicates: list[str] = field(default_factory=list)
-    scores: dict[str, float] = field(default_factory=dict)
-    source: str | None = None  # --model mode: "images", "embeddings" or "reader"
-
-
-def _read_jsonl(path: Path, what: str) -> Iterable[tuple[int, dict[str, Any]]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise EvaluationError(f"{what} {path}, line {lineno}: not UTF-8 text") from err
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvaluationError(f"{what} {path}, line {lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise EvaluationError(f"{what} {path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
-
-
-def _json_document(path: Path, what: str) -> tuple[bool, Any]:
-    """(True, data) for a JSON document, (False, None) for JSONL (one object per line)."""
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        return False, None
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise EvaluationError(f"{what} {path} is not UTF-8 text (byte {err.start}): expected JSON or JSONL") from err
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        first = text.lstrip().split("\n", 1)[0]
-        try:
-            if isinstance(json.loads(first), dict):
-                return False, None  # several objects, one per line
-        except json.JSONDecodeError:
-            pass
-        raise EvaluationError(f"{what} {path} is neither JSON nor JSONL (line {err.lineno}: {err.msg})") from err
-    if isinstance(data, dict) and "key" in data:  # a one-line JSONL file
-        return False, None
-    return True, data
-
-
-def load_predictions(path: str | os.PathLike) -> Predictions:
-    """JSONL lines {key, caption[, score, error]}, COCO results [{image_id, caption}] or {key: caption}."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"predictions file not found: {path}")
-    out = Predictions({})
-
-    def add(key: Any, caption: Any, where: str, error: Any = None, score: Any = None) -> None:
-        if key is None:
-            raise EvaluationError(f"predictions {where}: no image key (expected 'key' or 'image_id')")
-        key = str(key)
-        if key in out.captions:
-            out.duplicates.append(key)
-            return
-        if isinstance(caption, list):  # num_return_sequences > 1: the first is the best
-            caption = caption[0] if caption else ""
-        if caption is None and error is None:
-            raise EvaluationError(f"predictions {where} (image {key}): no 'caption' field")
-        if caption is not None and not isinstance(caption, str):
-            raise EvaluationError(f"predictions {where} (image {key}): caption must be a string, got "
-                                  f"{type(caption).__name__}")
-        out.captions[key] = caption or ""
-        if error:
-            out.errors[key] = str(error)
-        if isinstance(score, (int, float)):
-            out.scores[key] = float(score)
-
-    is_json, data = _json_document(path, "predictions file")
-    if not is_json:
-        for lineno, obj in _read_jsonl(path, "predictions"):
-            key = obj.get("key", obj.get("image_id"))
-            add(key, obj.get("caption", obj.get("captions")), f"{path}, line {lineno}", obj.get("error"),
-                obj.get("score"))
-        return out
-    if isinstance(data, list):
-        for i, obj in enumerate(data):
-            if not isinstance(obj, dict):
-                raise EvaluationError(f"predictions {path}, entry {i}: expected an object with image_id and caption")
-            add(obj.get("image_id", obj.get("key")), obj.get("caption"), f"{path}, entry {i}", obj.get("error"),
-                obj.get("score"))
-    elif isinstance(data, dict) and all(isinstance(v, (str, list)) for v in data.values()):
-        for key, caption in data.items():
-            add(key, caption, f"{path}, key {key!r}")
-    else:
-        raise EvaluationError(f"predictions file {path}: expected JSONL lines {{key, caption}}, a COCO results list "
-                              "[{image_id, caption}] or an object {key: caption}")
-    return out
-
-
-# ------------------------------------------------------------------------------------------
-# Loading references
-# ------------------------------------------------------------------------------------------
-@dataclass
-class References:
-    """Reference captions by image key, where each image lives, and alternative names of each key."""
-
-    captions: dict[str, list[str]]
-    source: str  # which format was read
-    image_files: dict[str, str] = field(default_factory=dict)  # key -> path relative to --images
-    aliases: dict[str, str] = field(default_factory=dict)  # other name (file name, stem) -> key
-    embeddings: dict[str, np.ndarray] | None = None  # preprocessed datasets: key -> (C,) CLIP embedding
-    embedding_model: str | None = None  # the CLIP that produced `embeddings`
-    split: str | None = None
-
-    def resolve(self, key: str) -> str | None:
-        if key in self.captions:
-            return key
-        return self.aliases.get(key) or self.aliases.get(Path(key).name) or self.aliases.get(Path(key).stem)
-
-    def add_aliases(self, key: str, *names: str | None) -> None:
-        for name in names:
-            if not name or name == key:
-                continue
-            for alias in {name, Path(name).name, Path(name).stem}:
-                # An alias shared by two images (same file name in two folders) resolves to neither.
-                previous = self.aliases.get(alias)
-                self.aliases[alias] = key if previous in (None, key) else ""
-
-
-def _clean_refs(captions: Iterable[Any]) -> list[str]:
-    return [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-
-
-def _coco_file_references(data: dict, path: Path, split: str) -> References:
-    """COCO captions json or Karpathy dataset_*.json, keyed exactly as the readers key them (data/coco.py)."""
-    from prefixcap.data.coco import CocoFormatError, is_karpathy, parse_coco, parse_splits
-
-    karpathy = is_karpathy(data)
-    try:
-        parsed = parse_coco(data, path, parse_splits(split) if karpathy else None)
-    except CocoFormatError as err:
-        raise EvaluationError(f"references {err}" + (" (choose with --split)" if err.bad_split else "")) from err
-    refs = References({}, parsed.kind, split=split if karpathy else None)
-    for img in parsed.images:
-        refs.captions.setdefault(img.key, []).extend(_clean_refs(img.captions))
-        if img.file:
-            refs.image_files[img.key] = img.file
-        refs.add_aliases(img.key, *img.aliases)
-    return refs
-
-
-def _jsonl_references(path: Path) -> References:
-    refs = References({}, "jsonl")
-    for lineno, obj in _read_jsonl(path, "references"):
-        key = obj.get("key", obj.get("image_id"))
-        if key is None:
-            raise EvaluationError(f"references {path}, line {lineno}: no 'key'")
-        caps = obj.get("captions", obj.get("caption", []))
-        caps = [caps] if isinstance(caps, str) else caps
-        refs.captions.setdefault(str(key), []).extend(caps)  # several lines per image are grouped
-        if obj.get("image"):
-            refs.image_files[str(key)] = obj["image"]
-            refs.add_aliases(str(key), obj["image"])  # predictions may name the image file instead
-    refs.captions = {k: _clean_refs(v) for k, v in refs.captions.items()}
-    return refs
-
-
-def _manifest_encoder(manifest: Mapping[str, Any]) -> str | None:
-    for name in ("clip_model", "encoder", "encoder_name", "clip"):
-        value = manifest.get(name)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, Mapping):
-            for sub in ("requested", "name", "clip_model"):
-                if isinstance(value.get(sub), str):
-                    return value[sub]
-    return None
-
-
-def _preprocessed_references(path: Path) -> References:
-    from prefixcap.data.shards import load_preprocessed
-
-    try:
-        ds = load_preprocessed(path)
-    except FileNotFoundError as err:
-        raise EvaluationError(str(err)) from err
-    refs = References({}, "preprocessed", embeddings={}, embedding_model=_manifest_encoder(ds.manifest))
-    by_index = ds.references()
-    for index in range(ds.num_images):
-        key, embedding = ds.image(index)
-        refs.captions[key] = _clean_refs(by_index.get(index, []))
-        refs.embeddings[key] = embedding  # (C,)
-    return refs
-
-
-def load_references(path: str | os.PathLike, split: str = "test") -> References:
-    """COCO captions json, Karpathy dataset_*.json (one --split), a preprocessed folder or JSONL {key, captions}."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "manifest.json").exists() or (path / "shards").is_dir():
-            return _preprocessed_references(path)
-        raise EvaluationError(f"references folder {path} is not a preprocessed dataset (no manifest.json)")
-    if not path.is_file():
-        raise EvaluationError(f"references file not found: {path}")
-    is_json, data = _json_document(path, "references file")
-    if not is_json:
-        return _jsonl_references(path)
-    from prefixcap.data.coco import is_coco_captions, is_karpathy
-
-    if is_coco_captions(data) or is_karpathy(data):
-        return _coco_file_references(data, path, split)
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-        return References({str(k): _clean_refs(v) for k, v in data.items()}, "mapping")
-    raise EvaluationError(f"references {path}: expected COCO captions ({{images, annotations}}), a Karpathy "
-                          "dataset_*.json ({images: [{sentences, split}]}), JSONL {key, captions}, "
-                          "an object {key: [captions]} or a preprocessed dataset folder")
-
-
-def image_paths(refs: References, root: str | os.PathLike, keys: Iterable[str]) -> dict[str, str]:
-    """key -> image file under root (from the references' file names, else root/key.*); missing ones left out."""
-    root = Path(root)
-    found: dict[str, str] = {}
-    for key in keys:
-        candidates = []
-        if key in refs.image_files:
-            rel = refs.image_files[key]
-            candidates += [root / rel, root / Path(rel).name]
-        candidates += [root / key] + [root / f"{key}{s}" for s in IMAGE_EXTENSIONS]
-        for c in candidates:
-            if c.is_file():
-                found[key] = str(c)
-                break
-    return found
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,7 +106,7 @@ def _find_problems(predictions: Mapping[str, str], references: Mapping[str, list
     """Keys of each kind of bad input (all counted; unknown and unreferenced images are not scored)."""
     return {
         "unknown_images": [k for k in predictions if k not in references],
-        "no_reference": [k for k in predictions if k in references and not _clean_refs(references[k])],
+        "no_reference": [k for k in predictions if k in references and not clean_references(references[k])],
         # a failed caption is counted once, as an error
         "empty_predictions": [k for k in predictions if k in references and not (predictions[k] or "").strip()
                               and k not in prediction_errors],
@@ -507,7 +264,7 @@ def evaluate_predictions(
     skip = set(problems["unknown_images"]) | set(problems["no_reference"])
     keys = [k for k in predictions if k not in skip]
     preds = {k: (predictions[k] or "").strip() for k in keys}
-    refs = {k: _clean_refs(references[k]) for k in keys}
+    refs = {k: clean_references(references[k]) for k in keys}
     per_image = _per_image_rows(predictions, refs, problems, prediction_errors)
     figures: dict[str, float | None] = {}
     tokenizer_used = _coco_figures(wanted, preds, refs, tokenizer, spice_timeout_s, figures, per_image, notices)
@@ -538,78 +295,7 @@ def evaluate_predictions(
 
 
 # ------------------------------------------------------------------------------------------
-# Reports
-# ------------------------------------------------------------------------------------------
-# (column label, metric name, scale) in the order papers print them; scale x100 as published.
-TABLE_COLUMNS = (
-    ("B@1", "Bleu_1", 100), ("B@2", "Bleu_2", 100), ("B@3", "Bleu_3", 100), ("B@4", "Bleu_4", 100),
-    ("METEOR", "METEOR", 100), ("ROUGE-L", "ROUGE_L", 100), ("CIDEr", "CIDEr", 100), ("SPICE", "SPICE", 100),
-    ("CLIP-S", "CLIPScore", 100), ("RefCLIP-S", "RefCLIPScore", 100),
-)
-PAPER_COLUMNS = ("B@4", "METEOR", "CIDEr", "SPICE")
-# Mokady et al. (2021), COCO Karpathy test: shown beside a run on that split for comparison.
-PAPER_RESULTS = (
-    ("ClipCap paper: transformer mapper, frozen GPT-2", {"B@4": 33.53, "METEOR": 27.45, "CIDEr": 113.08,
-                                                         "SPICE": 21.05}),
-    ("ClipCap paper: MLP mapper, fine-tuned GPT-2", {"B@4": 32.15, "METEOR": 27.1, "CIDEr": 108.35, "SPICE": 20.12}),
-)
-
-
-def _cell(value: Any, scale: float) -> str:
-    return "–" if value is None else f"{value * scale:.2f}"
-
-
-def markdown_report(result: Mapping[str, Any], name: str) -> str:
-    """The paper layout (B@4, METEOR, CIDEr, SPICE), then every figure, diversity and notices."""
-    figures, counts = result["metrics"], result["counts"]
-    cols = [c for c in TABLE_COLUMNS if c[1] in figures]
-    paper = [c for c in cols if c[0] in PAPER_COLUMNS]
-    lines = [f"# Evaluation: {name}", ""]
-    if paper:
-        lines += ["ClipCap paper layout (x100):", "",
-                  "| model | " + " | ".join(c[0] for c in paper) + " |",
-                  "|---|" + "---:|" * len(paper),
-                  f"| {name} | " + " | ".join(_cell(figures[c[1]], c[2]) for c in paper) + " |"]
-        settings = result["settings"]
-        if settings.get("reference_format") == "karpathy" and settings.get("split") == "test":
-            lines += [f"| {label} | " + " | ".join(f"{row[c[0]]:.2f}" for c in paper) + " |"
-                      for label, row in PAPER_RESULTS]
-        lines.append("")
-    if cols:
-        lines += ["All metrics (x100; CLIP-S on Hessel et al.'s 0-2.5 scale, x100):", "",
-                  "| model | " + " | ".join(c[0] for c in cols) + " |",
-                  "|---|" + "---:|" * len(cols),
-                  f"| {name} | " + " | ".join(_cell(figures[c[1]], c[2]) for c in cols) + " |", ""]
-    lines += ["| images scored | mean length (words) | vocabulary | distinct captions |", "|---:|---:|---:|---:|",
-              f"| {counts['scored']} | {figures['mean_length_words']:.2f} | {figures['vocabulary_size']} | "
-              f"{figures['distinct_captions']} ({100 * figures['distinct_caption_share']:.1f}%) |", ""]
-    clip = result["settings"].get("clip", {})
-    if clip.get("used"):
-        lines.append(f"CLIPScore model: {clip['model']} ({clip.get('resolved')}), images from {clip['image_source']}.")
-    if result["settings"].get("tokenizer"):
-        lines.append(f"Tokenizer: {result['settings']['tokenizer']}.")
-    if result["notices"]:
-        lines += ["", "Notices:", ""] + [f"- {n}" for n in result["notices"]]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
-    """metrics.json (figures + settings + counts), metrics.md and predictions.jsonl (per image)."""
-    from prefixcap.data.shards import atomic_write_bytes, atomic_write_json
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in result.items() if k != "per_image"}
-    paths = {"json": out / "metrics.json", "markdown": out / "metrics.md", "predictions": out / "predictions.jsonl"}
-    atomic_write_json(paths["json"], summary)
-    atomic_write_bytes(paths["markdown"], markdown_report(result, name).encode())
-    lines = [json.dumps({"key": k, **v}, ensure_ascii=False) for k, v in result["per_image"].items()]
-    atomic_write_bytes(paths["predictions"], ("\n".join(lines) + "\n" if lines else "").encode())
-    return paths
-
-
-# ------------------------------------------------------------------------------------------
-# The command
+# Captioning with a model (--model)
 # ------------------------------------------------------------------------------------------
 def _pipeline_options(cfg: EvaluateConfig) -> Any:
     from prefixcap.pipeline import PipelineOptions

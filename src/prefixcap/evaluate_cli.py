@@ -8,7 +8,9 @@ import sys
 from prefixcap import metrics as M
 from prefixcap.data.readers import add_reader_args, reader_options_from_args
 from prefixcap.errors import EXIT_RUNTIME, EXIT_USAGE
-from prefixcap.evaluate import ALL_METRICS, READER_FLAGS, EvaluateConfig, EvaluationError, markdown_report, run
+from prefixcap.evaluate import ALL_METRICS, READER_FLAGS, EvaluateConfig, run
+from prefixcap.evaluate_report import markdown_report
+from prefixcap.references import EvaluationError
 from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
 
 
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--limit", type=int, help="evaluate only the first N images")
     r = p.add_argument_group("--model on any input the preprocess stage reads (same flags as preprocess)")
     r.add_argument("--input_format", help="read --dataset with the preprocess readers: webdataset, files, parquet, "
-                                          "csv, jsonl, coco or embeddings (several captions per image are grouped)")
+                                          "csv, jsonl, coco, embeddings or hf_dataset (several captions per image are grouped)")
     add_reader_args(r, only=READER_FLAGS)
     m = p.add_argument_group("metrics")
     m.add_argument("--metrics", default=",".join(ALL_METRICS),

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from prefixcap.errors import PrefixcapError
+
 # The seed's --tokenizer_model_type values -> LM family and a default checkpoint.
 MODEL_TYPES: dict[str, dict[str, str]] = {
     "gpt2": {"family": "causal", "default_variant": "gpt2-xl"},
@@ -18,7 +20,7 @@ MODEL_TYPES: dict[str, dict[str, str]] = {
 FAMILIES = ("causal", "seq2seq")
 
 
-class LanguageModelError(ValueError):
+class LanguageModelError(PrefixcapError, ValueError):
     """Raised for an unknown LM type, an unloadable tokenizer or an LM that does not fit."""
 
 

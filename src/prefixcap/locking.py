@@ -22,10 +22,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from prefixcap.errors import PrefixcapError
+
 LOCK_NAME = ".prefixcap.lock"
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(PrefixcapError, RuntimeError):
     """Another live process holds the output's lock; the message names its PID."""
 
 

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from prefixcap.errors import PrefixcapError
+
 # Hessel et al. (2021): CLIP-S = w * max(cos(E_image, E_text("A photo depicts " + caption)), 0).
 CLIPSCORE_WEIGHT = 2.5
 CLIPSCORE_PREFIX = "A photo depicts "
@@ -43,7 +45,7 @@ JAVA_METRICS = ("meteor", "spice")
 SPICE_CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
-class MetricError(RuntimeError):
+class MetricError(PrefixcapError, RuntimeError):
     """A metric could not be computed (missing dependency, failed external tool)."""
 
 

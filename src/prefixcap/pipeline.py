@@ -138,9 +138,14 @@ def _prepare_one(cap: Captioner, item: Item) -> np.ndarray | None:
 
 
 def _checked_embedding(cap: Captioner, item: Item) -> None:
-    """Flatten an embedding item to float32 (C,); a width the model cannot take stops the run at once."""
+    """Flatten an embedding item to float32 (C,) (patch tokens: (N, C)); a width the model cannot take
+    stops the run at once."""
     emb = np.asarray(item.embedding, dtype=np.float32).reshape(-1)
-    width = cap.config.mapping.prefix_size
+    shape = cap.config.mapping.input_shape
+    width = int(np.prod(shape))
+    if cap.config.mapping.takes_tokens and emb.shape[0] == width:
+        item.embedding = emb.reshape(shape)  # (N, C) stored patch tokens
+        return
     if emb.shape[0] != width:
         raise EmbeddingWidthError(
             f"embedding of {item.key!r} has {emb.shape[0]} values but the model expects {width} "
@@ -229,7 +234,7 @@ def _encode_batch(cap: Captioner, batch: PreparedBatch) -> PreparedBatch:
     if images:
         try:
             pixels = torch.from_numpy(np.stack([batch.pixels[i] for i in images]))  # (b, 3, H, W)
-            rows = cap.encoder.encode_pixels(pixels).float().to(cap.device)  # (b, C)
+            rows = cap.features(pixels).float().to(cap.device)  # (b, C), or (b, N, C) patch tokens
             batch.encoded = dict(zip(images, rows))
         except Exception as err:  # noqa: BLE001 - retried on the main path, item by item if need be
             logger.debug("encode-ahead of a batch failed (%s); encoding on the main path", err)

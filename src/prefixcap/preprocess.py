@@ -44,6 +44,8 @@ class PreprocessConfig:
     jpeg_draft: bool = False
     progress: bool = True
     overwrite: bool = False  # delete the folder's previous dataset (settings, shards, manifest) first
+    store_patch_tokens: bool = False  # also store the encoder's final patch tokens (prefixcap.patch_tokens)
+    patch_pool: int = 1  # P x P average pooling of the stored patch grid (CLS kept)
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -82,6 +84,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     run.add_argument("--jpeg_draft", action="store_true",
                      help="let the JPEG decoder downscale while decoding (faster, pixels differ slightly)")
     run.add_argument("--no_progress", dest="progress", action="store_false", help="hide the progress bar")
+    tok = p.add_argument_group("patch tokens (for the transformer_tokens / projector mappers)")
+    tok.add_argument("--store_patch_tokens", action="store_true",
+                     help="also store the encoder's final patch tokens (CLS + grid, projected; float16)")
+    tok.add_argument("--patch_pool", type=positive_int, default=d.patch_pool,
+                     help="average-pool the patch grid in P x P blocks before storing (CLS kept)")
     run.add_argument("--overwrite", action="store_true",
                      help="start --output_folder afresh: delete the dataset a previous run left there "
                           "(settings.json, shards/, progress/, manifest.json) instead of resuming it")
@@ -156,6 +163,7 @@ def run_preprocess(cfg: PreprocessConfig):
         encoder = load_encoder(cfg.clip_model, device=device)
         encoder_name, embedding_dim = encoder.spec.name, int(encoder.embedding_dim)
 
+    patch_record = _patch_token_record(cfg, encoder)
     units = reader.units()
     fingerprint = tokenizer_fingerprint(tokenizer)
     settings = {
@@ -171,6 +179,8 @@ def run_preprocess(cfg: PreprocessConfig):
         "reader": {k: v for k, v in asdict(cfg.reader).items() if k != "cache_path"},
         "max_image_pixels": cfg.max_image_pixels, "jpeg_draft": cfg.jpeg_draft,
     }
+    if patch_record:  # absent otherwise, so folders written before the option resume unchanged
+        settings.update(store_patch_tokens=True, patch_pool=cfg.patch_pool)
     header = {
         "clip_model": cfg.clip_model, "encoder": encoder_name, "embedding_dim": embedding_dim, "normalized": False,
         "tokenizer": cfg.tokenizer_model_variant, "tokenizer_model_type": cfg.tokenizer_model_type,
@@ -178,12 +188,16 @@ def run_preprocess(cfg: PreprocessConfig):
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "max_token_length": cfg.max_token_length, "prefix_length": cfg.prefix_length,
         "input_format": cfg.input_format, "created_by": f"prefixcap {__version__} preprocess",
+        **({"hub_datasets": reader.hub_datasets} if getattr(reader, "hub_datasets", None) else {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if patch_record:
+        header["patch_tokens"] = patch_record
     run_cfg = RunConfig(
         output_folder=cfg.output_folder, batch_size=cfg.batch_size, num_prepro_workers=cfg.num_prepro_workers,
         samples_per_shard=cfg.samples_per_shard, subset_size=cfg.subset_size, max_image_pixels=cfg.max_image_pixels,
         jpeg_draft=cfg.jpeg_draft, rank=rank, world_size=world, progress=cfg.progress,
+        patch_pool=cfg.patch_pool if patch_record else None,
     )
     from prefixcap.locking import output_lock
 
@@ -193,6 +207,26 @@ def run_preprocess(cfg: PreprocessConfig):
         if cfg.overwrite and clear_output(cfg.output_folder):
             print(f"{PROG}: --overwrite: deleted the previous dataset in {cfg.output_folder}", file=sys.stderr)
         return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings, header).run()
+
+
+def _patch_token_record(cfg: PreprocessConfig, encoder: Any) -> dict[str, Any] | None:
+    """The manifest's "patch_tokens" record (tokens per image, width, pooling), or None without the option."""
+    if not cfg.store_patch_tokens:
+        if cfg.patch_pool != 1:
+            raise InputError(f"--patch_pool {cfg.patch_pool} pools stored patch tokens: add --store_patch_tokens")
+        return None
+    if encoder is None:
+        raise InputError("--store_patch_tokens needs images: --input_format embeddings holds pooled vectors only")
+    from prefixcap.patch_tokens import TOKEN_SOURCE, PatchTokensUnsupportedError
+
+    shape = getattr(encoder, "patch_token_shape", None)
+    try:
+        if shape is None:
+            raise PatchTokensUnsupportedError(f"{type(encoder).__name__} does not expose patch tokens")
+        n, c = shape(cfg.patch_pool)
+    except PatchTokensUnsupportedError as err:
+        raise InputError(f"--store_patch_tokens with --clip_model {cfg.clip_model}: {err}") from err
+    return {"num_tokens": int(n), "dim": int(c), "pool": cfg.patch_pool, "dtype": "float16", "source": TOKEN_SOURCE}
 
 
 def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
@@ -211,6 +245,10 @@ def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
             out.append("  converted" + "".join(f"\n    {name}: {n}  ({CONVERSIONS.get(name, '')})"
                                               for name, n in manifest["converted"].items()))
         out.append(f"  captions truncated to {manifest['max_token_length']} tokens: {manifest['num_truncated']}")
+        if manifest.get("patch_tokens"):
+            from prefixcap.patch_tokens import describe_storage
+
+            out.append("  " + describe_storage(manifest["patch_tokens"], manifest["num_images"]))
     print("\n".join(out))
 
 

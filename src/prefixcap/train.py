@@ -316,7 +316,7 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
         load_tokenizer,
         tokenizer_fingerprint,
     )
-    from prefixcap.mapping import MappingConfig
+    from prefixcap.mapping import MappingConfig, with_token_input
     from prefixcap.model import CaptionConfig
 
     where = f"the dataset {cfg.data_dir}"
@@ -381,7 +381,11 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
         mapping_type=cfg.mapping_type, prefix_size=dim, lm_dim=int(lm.get_input_embeddings().embedding_dim),
         prefix_length=k, clip_length=cfg.clip_prefix_length, num_layers=cfg.num_layers,
         num_heads=cfg.num_attention_heads)
-    if mapping.mapping_type == "transformer" and mapping.lm_dim % mapping.num_heads:
+    try:  # token mappers: N tokens and their pooling from the manifest (the projector's K is N)
+        mapping = with_token_input(mapping, manifest.get("patch_tokens"), where)
+    except ValueError as err:
+        raise TrainConfigError(str(err)) from err
+    if mapping.mapping_type in ("transformer", "transformer_tokens") and mapping.lm_dim % mapping.num_heads:
         raise TrainConfigError(f"--num_attention_heads {cfg.num_attention_heads} does not divide {name}'s "
                                f"width {mapping.lm_dim}")
     config = CaptionConfig(
@@ -458,13 +462,20 @@ def _card_info(cfg: TrainConfig, manifest: dict[str, Any], num_train_captions: i
     return {"training_data": {k: v for k, v in data.items() if v not in (None, [])}}
 
 
+def _features(cfg: TrainConfig) -> str:
+    """What the mapper reads from the shards: the pooled embedding or the patch tokens."""
+    from prefixcap.mapping import TOKEN_MAPPERS
+
+    return "patch_tokens" if cfg.mapping_type in TOKEN_MAPPERS else "embedding"
+
+
 def _open_data(cfg: TrainConfig):
     from prefixcap.data.loader import CaptionDataset
 
     _check_data_dir(cfg)
     try:
-        return CaptionDataset(cfg.data_dir)
-    except FileNotFoundError as err:
+        return CaptionDataset(cfg.data_dir, features=_features(cfg))
+    except (FileNotFoundError, ValueError) as err:  # ValueError: a token mapper on a dataset without tokens
         raise TrainConfigError(f"--data_dir {cfg.data_dir}: {err}") from err
 
 
@@ -580,8 +591,8 @@ class _Trainer:
         self.val_data = self.data
         if cfg.val_data_dir:
             try:
-                self.val_data = CaptionDataset(cfg.val_data_dir)
-            except FileNotFoundError as err:
+                self.val_data = CaptionDataset(cfg.val_data_dir, features=_features(cfg))
+            except (FileNotFoundError, ValueError) as err:
                 raise TrainConfigError(f"--val_data_dir {cfg.val_data_dir}: {err}") from err
             self._check_val_manifest(self.val_data.manifest, manifest)
             val_idx = np.arange(len(self.val_data), dtype=np.int64)
@@ -821,7 +832,7 @@ class _Trainer:
                     continue
                 sample = data[ci]
                 refs.setdefault(key, []).append(sample.caption)
-                emb[key] = sample.embedding
+                emb[key] = sample.patch_tokens if _features(self.cfg) == "patch_tokens" else sample.embedding
             model = self._unwrapped()
             was_training = model.training
             captioner = Captioner(model)

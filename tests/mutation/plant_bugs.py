@@ -126,10 +126,11 @@ def main(argv: list[str]) -> int:
     chosen = [b for b in BUGS if not argv or b.name in argv]
     unknown = set(argv) - {b.name for b in BUGS}
     if unknown:
-        print(f"plant_bugs: unknown bug(s) {sorted(unknown)}; known: {', '.join(b.name for b in BUGS)}", file=sys.stderr)
+        print(f"plant_bugs: unknown bug(s) {sorted(unknown)}; known: {', '.join(b.name for b in BUGS)}",
+              file=sys.stderr)
         return 2
     bad = 0
-    print(f"| bug | issue class | outcome | time | first failing test |\n|---|---|---|---|---|")
+    print("| bug | issue class | outcome | time | first failing test |\n|---|---|---|---|---|")
     for bug in chosen:
         outcome, seconds, detail = run_bug(bug)
         bad += outcome != "caught"

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prefixcap.errors import UsageError
 
-class CocoFormatError(ValueError):
+
+class CocoFormatError(UsageError):
     """A json that is not a COCO captions file nor a Karpathy dataset file, or a split that selects nothing."""
 
     def __init__(self, message: str, bad_split: bool = False):

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from prefixcap.errors import PrefixcapError
+
 # File name endings read as images wherever a folder is listed (preprocess, caption).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -62,7 +64,7 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageInputError(ValueError):
+class ImageInputError(PrefixcapError, ValueError):
     """An input that cannot be read or decoded into an RGB image; the message starts with the reason."""
 
 

@@ -27,7 +27,7 @@ from prefixcap.data.shards import SHARD_DIR, PreprocessedDataset, load_preproces
 class Batch(NamedTuple):
     """One training batch; tokens are right-padded to the longest caption in the batch."""
 
-    embeddings: torch.Tensor  # (B, C) float16, as stored
+    embeddings: torch.Tensor  # (B, C) float16, as stored; (B, N, C) patch tokens for token mappers
     tokens: torch.Tensor  # (B, T) int64
     mask: torch.Tensor  # (B, T) int64, 1 on real caption tokens
 
@@ -55,15 +55,18 @@ def _file_offsets(path: Path) -> tuple[pa.Table, int]:
     return table, base
 
 
-def _locate_shard(folder: Path, name: str) -> _ShardFiles | None:
-    """Byte offsets of the columns of one shard; None if the layout is not the plain one we write."""
+def _locate_shard(folder: Path, name: str, column: str = "embedding") -> _ShardFiles | None:
+    """Byte offsets of the columns of one shard; None if the layout is not the plain one we write.
+
+    column "patch_tokens" reads the image's flat (N*C,) patch tokens where the embedding would be.
+    """
     images_path = folder / f"{name}.images.arrow"
     captions_path = folder / f"{name}.captions.arrow"
     images, ibase = _file_offsets(images_path)
     captions, cbase = _file_offsets(captions_path)
     if captions.num_rows == 0:  # nothing is ever read from it
         return _ShardFiles(str(images_path), str(captions_path), 0, 0, 0, 0, 0, 0)
-    emb_col, tok_col, row_col = images.column("embedding"), captions.column("tokens"), captions.column("image_row")
+    emb_col, tok_col, row_col = images.column(column), captions.column("tokens"), captions.column("image_row")
     if any(c.num_chunks != 1 for c in (emb_col, tok_col, row_col)):
         return None
     emb, toks, rows = emb_col.chunk(0), tok_col.chunk(0), row_col.chunk(0)
@@ -116,17 +119,28 @@ class _RowReader:
 
 
 class CaptionDataset(Dataset):
-    """Caption i -> (tokens (T,) int32, embedding (C,) float16) of a preprocessed dataset."""
+    """Caption i -> (tokens (T,) int32, embedding (C,) float16) of a preprocessed dataset.
 
-    def __init__(self, data: str | Path | PreprocessedDataset):
+    features "patch_tokens": the image's (N, C) float16 patch tokens instead of its embedding.
+    """
+
+    def __init__(self, data: str | Path | PreprocessedDataset, features: str = "embedding"):
         self.data = data if isinstance(data, PreprocessedDataset) else load_preprocessed(data)
         self.path = self.data.path
         self.manifest = self.data.manifest
+        self.features = features
+        self._shape: tuple[int, ...] | None = None  # (N, C) for patch tokens
+        if features == "patch_tokens":
+            if self.data.patch_token_shape is None:
+                raise ValueError(f"{self.path} stores no patch tokens (preprocess it with --store_patch_tokens)")
+            self._shape = self.data.patch_token_shape
+        elif features != "embedding":
+            raise ValueError(f"features must be 'embedding' or 'patch_tokens', got {features!r}")
         self._reader = self._make_reader()
 
     def _make_reader(self) -> _RowReader | None:
         names = [s["name"] for s in self.manifest.get("shards", [])]
-        located = [_locate_shard(self.path / SHARD_DIR, n) for n in names]
+        located = [_locate_shard(self.path / SHARD_DIR, n, self.features) for n in names]
         if not names or any(f is None for f in located):
             return None  # empty shards or an unusual layout: use the memory-mapped path
         shards = [f for f in located if f is not None]
@@ -135,7 +149,7 @@ class CaptionDataset(Dataset):
             return None
         # Check the offsets once against the memory-mapped reader (first and last caption).
         for i in {0, len(self.data) - 1}:
-            tokens, emb, _ = self.data.tokens_and_embedding(i)
+            tokens, emb, _ = self.data.tokens_and_embedding(i, self.features)
             t2, e2 = reader.read(i)
             if not (np.array_equal(tokens, t2) and np.array_equal(emb, e2)):
                 return None
@@ -147,17 +161,20 @@ class CaptionDataset(Dataset):
     def __getstate__(self):
         # Workers started by spawn get only the row reader and the path; the Arrow tables are
         # reopened (never pickled, which would copy them).
-        return {"path": str(self.path), "reader": self._reader}
+        return {"path": str(self.path), "reader": self._reader, "features": self.features, "shape": self._shape}
 
     def __setstate__(self, state):
         self.data = load_preprocessed(state["path"])
         self.path, self.manifest, self._reader = self.data.path, self.data.manifest, state["reader"]
+        self.features, self._shape = state.get("features", "embedding"), state.get("shape")
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self._reader is not None:
-            return self._reader.read(int(index))
-        tokens, emb, _ = self.data.tokens_and_embedding(int(index))
-        return np.array(tokens), np.array(emb)
+            tokens, emb = self._reader.read(int(index))
+        else:
+            tokens, emb, _ = self.data.tokens_and_embedding(int(index), self.features)
+            tokens, emb = np.array(tokens), np.array(emb)
+        return tokens, (emb.reshape(self._shape) if self._shape else emb)  # (C,) or (N, C)
 
     def __getitems__(self, indices: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         return [self[i] for i in indices]

@@ -15,10 +15,11 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from prefixcap.data.images import IMAGE_EXTENSIONS
+from prefixcap.errors import UsageError
 TABLE_EXTENSIONS = {"parquet": (".parquet",), "csv": (".csv", ".tsv"), "jsonl": (".jsonl", ".json")}
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Raised at start-up for input that cannot be read as asked (path, format, column)."""
 
 
@@ -46,11 +47,17 @@ class ReaderOptions:
     key_column: str | None = None
     image_root: str | None = None
     coco_split: str | None = None
+    # Hugging Face datasets (--input_format hf_dataset). None defaults keep older settings.json comparable.
+    hf_split: str | None = None  # None: "train", or the dataset's only split
+    hf_config: str | None = None  # the dataset's configuration (load_dataset's `name`)
+    hf_streaming: bool | None = None  # stream shard by shard instead of downloading / memory-mapping
 
 
 # Flag of each ReaderOptions field: (help group, help). Defaults come from ReaderOptions.
 WDS_GROUP = "webdataset input"
 TABLE_GROUP = "parquet / csv / jsonl / coco / embeddings input"
+HF_GROUP = "Hugging Face datasets input (--input_format hf_dataset; also uses --image_column, --caption_column, " \
+           "--key_column, --image_root)"
 READER_FLAGS: dict[str, tuple[str, str]] = {
     "wds_image_key": (WDS_GROUP, "image extension(s) in the tars, e.g. jpg;png"),
     "wds_caption_key": (WDS_GROUP, "caption extension (or json field)"),
@@ -61,7 +68,12 @@ READER_FLAGS: dict[str, tuple[str, str]] = {
     "key_column": (TABLE_GROUP, "column with a sample key (default: the image path)"),
     "image_root": (TABLE_GROUP, "folder image paths are relative to (default: the table's / json's folder)"),
     "coco_split": (TABLE_GROUP, "Karpathy split(s) to keep, e.g. train,restval"),
+    "hf_split": (HF_GROUP, "split to read (default: train, or the dataset's only split)"),
+    "hf_config": (HF_GROUP, "dataset configuration name (load_dataset's name=)"),
+    "hf_streaming": (HF_GROUP, "stream the dataset (IterableDataset; work units = its shards) instead of "
+                               "downloading it whole / memory-mapping it"),
 }
+SWITCHES = {"hf_streaming"}  # on/off flags whose default is None (see ReaderOptions)
 
 
 def add_reader_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None = None,
@@ -88,7 +100,7 @@ def add_reader_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, t
             is_group = isinstance(parser, argparse._ArgumentGroup)
             groups[group_title] = parser if is_group else parser.add_argument_group(group_title)
         default = (defaults or {}).get(name, getattr(base, name))
-        if isinstance(getattr(base, name), bool):
+        if isinstance(getattr(base, name), bool) or name in SWITCHES:
             groups[group_title].add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default,
                                              help=help_text)
         else:
@@ -503,6 +515,13 @@ class EmbeddingsReader:
             yield Record(str(key), None, captions_of_row, embedding=np.asarray(emb[row], dtype=np.float32))
 
 
+def _hf_dataset_reader(cfg: ReaderConfig) -> Reader:
+    # Imported on use: data/hf_datasets.py imports this module, and `datasets` is slow to import.
+    from prefixcap.data.hf_datasets import HFDatasetReader
+
+    return HFDatasetReader(cfg)
+
+
 # Registry: --input_format -> reader class.
 READERS: dict[str, Callable[[ReaderConfig], Reader]] = {
     "webdataset": WebDatasetReader,
@@ -512,6 +531,7 @@ READERS: dict[str, Callable[[ReaderConfig], Reader]] = {
     "jsonl": TableReader,
     "coco": CocoReader,
     "embeddings": EmbeddingsReader,
+    "hf_dataset": _hf_dataset_reader,
 }
 
 

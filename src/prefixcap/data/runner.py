@@ -78,6 +78,7 @@ class RunConfig:
     world_size: int = 1
     log_skipped: int = 20  # print this many skipped keys; all are kept in the shard stats
     progress: bool = True
+    patch_pool: int | None = None  # store the encoder's patch tokens, P x P pooled (None: pooled vector only)
 
 
 def shard_name(unit: int, part: int) -> str:
@@ -313,6 +314,7 @@ class _PartBuffer:
     num_truncated: int = 0
     skipped_keys: list[list[str]] = field(default_factory=list)
     unit_norm: bool = True
+    patch_tokens: list[np.ndarray] = field(default_factory=list)  # (N, C) float16 each, with patch_pool
 
 
 @dataclass
@@ -655,7 +657,7 @@ class Runner:
                 current = _PartBuffer(job.unit, job.part)
             items: list[ItemResult] = [r for res in job.results for r in res.get()]
             ok = [i for i, item in enumerate(items) if item.reason is None]
-            embeddings = self._embed(items, ok, job.slot, buffers, pixels)  # (len(ok), C) float16
+            embeddings, patch = self._embed(items, ok, job.slot, buffers, pixels)  # (len(ok), C) [, (len(ok), N, C)]
             if job.slot is not None:
                 free_slots.put(job.slot)
             current.records += job.records
@@ -674,6 +676,8 @@ class Runner:
                 image_row = len(current.keys)
                 current.keys.append(item.key)
                 current.embeddings.append(embeddings[row])
+                if patch is not None:
+                    current.patch_tokens.append(patch[row])
                 for caption, tokens in zip(item.captions, item.tokens):
                     current.image_rows.append(image_row)
                     current.captions.append(caption)
@@ -687,12 +691,15 @@ class Runner:
                 current = None
 
     def _embed(self, items: list[ItemResult], ok: list[int], slot: int | None, buffers: np.ndarray | None,
-               pixels: PixelPipeline | None) -> np.ndarray:
+               pixels: PixelPipeline | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """float16 (embeddings (n, C), patch tokens (n, N, C) or None) of the decoded items `ok`."""
         dim = int(self.header["embedding_dim"])
+        pool = self.cfg.patch_pool
         if not ok:
-            return np.zeros((0, dim), np.float16)
+            shape = self.header["patch_tokens"]["num_tokens"] if pool else 0
+            return np.zeros((0, dim), np.float16), (np.zeros((0, shape, dim), np.float16) if pool else None)
         if items[ok[0]].embedding is not None:
-            return np.stack([items[i].embedding for i in ok]).astype(np.float16)  # (n, C)
+            return np.stack([items[i].embedding for i in ok]).astype(np.float16), None  # (n, C)
         if buffers is not None:
             batch = buffers[slot]
             array = batch[: len(ok)] if ok[-1] == len(ok) - 1 else batch[ok]  # all decoded: a zero-copy slice
@@ -701,8 +708,11 @@ class Runner:
         tensor = torch.from_numpy(array)  # (n, 3, H, W) uint8 or float32
         with torch.inference_mode():
             encoder_input = pixels.device_fn(tensor, self.encoder.device)  # (n, 3, H, W) float32 normalised
+            if pool:
+                out, patch = self.encoder.encode_pixels_with_tokens(encoder_input, pool)  # (n, C), (n, N, C)
+                return out.to(torch.float16).cpu().numpy(), patch.to(torch.float16).cpu().numpy()
             out = self.encoder.encode_pixels(encoder_input)  # (n, C) float32
-        return out.to(torch.float16).cpu().numpy()
+        return out.to(torch.float16).cpu().numpy(), None
 
     def _log_skip(self, part: _PartBuffer, key: str, reason: str) -> None:
         if len(part.skipped_keys) < MAX_SKIPPED_KEYS_PER_SHARD:
@@ -716,6 +726,10 @@ class Runner:
         dim = int(self.header["embedding_dim"])
         embeddings = np.stack(part.embeddings) if part.embeddings else np.zeros((0, dim), np.float16)
         content = ShardContent(part.keys, embeddings, part.image_rows, part.captions, part.tokens)
+        if self.cfg.patch_pool:
+            n = int(self.header["patch_tokens"]["num_tokens"])
+            content.patch_tokens = (np.stack(part.patch_tokens) if part.patch_tokens
+                                    else np.zeros((0, n, dim), np.float16))  # (N_images, N, C)
         stats = {
             "unit": part.unit, "unit_name": self._units[part.unit], "part": part.part,
             "records": part.records, "last": job.last, "subset_stop": job.subset_stop, "rank": self.cfg.rank,

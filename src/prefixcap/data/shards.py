@@ -3,7 +3,9 @@
 A dataset folder holds
   manifest.json                    written last; its presence means the dataset is complete
   settings.json                    encoder/tokenizer settings; a rerun with other settings is refused
-  shards/{name}.images.arrow       one row per image: key, embedding (float16, fixed size C)
+  shards/{name}.images.arrow       one row per image: key, embedding (float16, fixed size C), and with
+                                   --store_patch_tokens patch_tokens (float16, fixed size N*C, row-major
+                                   (N, C); the manifest's "patch_tokens" record gives N, C and the pooling)
   shards/{name}.captions.arrow     one row per caption: image_row (row in the images file),
                                    caption (text), tokens (list<int32>, ends with end-of-text)
   shards/{name}.json               the shard's stats; written after both Arrow files, so a shard is
@@ -31,12 +33,23 @@ SETTINGS = "settings.json"
 SHARD_DIR = "shards"
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once at import, before any worker thread exists
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write data to path so that readers see either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; a dataset is meant to be read by others, as with open().
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -68,6 +81,7 @@ class ShardContent:
     image_rows: list[int]  # one per caption: row in keys/embeddings
     captions: list[str]
     tokens: list[list[int]]
+    patch_tokens: np.ndarray | None = None  # (N_images, N, C) with --store_patch_tokens; stored as float16
 
 
 def write_shard(folder: str | Path, name: str, content: ShardContent, stats: dict[str, Any]) -> Path:
@@ -77,10 +91,17 @@ def write_shard(folder: str | Path, name: str, content: ShardContent, stats: dic
     assert n_img == len(content.keys), "one embedding per image key"
     assert len(content.image_rows) == len(content.captions) == len(content.tokens)
     emb = np.ascontiguousarray(content.embeddings, dtype=np.float16).reshape(-1)
-    images = pa.table({
+    columns = {
         "key": pa.array(content.keys, pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb, pa.float16()), dim),
-    })
+    }
+    if content.patch_tokens is not None:
+        assert content.patch_tokens.shape[0] == n_img, "one token set per image key"
+        flat = np.ascontiguousarray(content.patch_tokens, dtype=np.float16)
+        width = int(np.prod(flat.shape[1:]))
+        columns["patch_tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.float16()), width)
+        stats = {**stats, "patch_tokens_shape": list(content.patch_tokens.shape[1:])}
+    images = pa.table(columns)
     captions = pa.table({
         "image_row": pa.array(content.image_rows, pa.int32()),
         "caption": pa.array(content.captions, pa.string()),
@@ -121,6 +142,7 @@ class Sample:
     tokens: np.ndarray  # (T,) int32, ends with end-of-text
     embedding: np.ndarray  # (C,) float32
     image_index: int  # global image index
+    patch_tokens: np.ndarray | None = None  # (N, C) float32 when the dataset stores them
 
 
 class _Shard:
@@ -135,6 +157,12 @@ class _Shard:
         dim = emb.type.list_size
         self.embeddings = (emb.chunk(0).values.to_numpy(zero_copy_only=True).reshape(-1, dim)
                            if images.num_rows else np.zeros((0, dim), np.float16))  # (N_images, C) float16
+        self.patch_tokens = None  # (N_images, N*C) float16 view, when stored
+        if "patch_tokens" in images.column_names:
+            col = images.column("patch_tokens")
+            width = col.type.list_size
+            self.patch_tokens = (col.chunk(0).values.to_numpy(zero_copy_only=True).reshape(-1, width)
+                                 if images.num_rows else np.zeros((0, width), np.float16))
         if captions.num_rows:
             toks = captions.column("tokens").chunk(0)
             self.offsets = toks.offsets.to_numpy(zero_copy_only=True)  # (N_captions + 1,) int32
@@ -174,6 +202,8 @@ class PreprocessedDataset(Sequence):
             self.embedding_dim = int(self._shards[0].embeddings.shape[1])
         else:
             self.embedding_dim = int(self.manifest.get("embedding_dim", 0))
+        record = self.manifest.get("patch_tokens")  # {"num_tokens", "dim", "pool", "source"} or absent
+        self.patch_token_shape = (int(record["num_tokens"]), int(record["dim"])) if record else None
 
     # --- captions (the training samples) ---
     def __len__(self) -> int:
@@ -197,17 +227,27 @@ class PreprocessedDataset(Sequence):
             tokens=np.asarray(shard.token_values[shard.offsets[row]:shard.offsets[row + 1]]),
             embedding=np.asarray(shard.embeddings[image_row], dtype=np.float32),
             image_index=int(self._image_starts[s]) + image_row,
+            patch_tokens=self._patch_tokens(shard, image_row),
         )
+
+    def _patch_tokens(self, shard: _Shard, row: int) -> np.ndarray | None:
+        if shard.patch_tokens is None or self.patch_token_shape is None:
+            return None
+        return np.asarray(shard.patch_tokens[row], dtype=np.float32).reshape(self.patch_token_shape)  # (N, C)
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
             yield self[i]
 
-    def tokens_and_embedding(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """The fast path for training: (tokens (T,), embedding (C,) float16 view, image index)."""
+    def tokens_and_embedding(self, index: int, column: str = "embedding") -> tuple[np.ndarray, np.ndarray, int]:
+        """The fast path for training: (tokens (T,), embedding (C,) float16 view, image index);
+        column "patch_tokens" gives the image's flat (N*C,) float16 patch tokens instead."""
         shard, s, row = self._locate(int(index))
         image_row = int(shard.image_rows[row])
-        return (shard.token_values[shard.offsets[row]:shard.offsets[row + 1]], shard.embeddings[image_row],
+        values = shard.embeddings if column == "embedding" else shard.patch_tokens
+        if values is None:
+            raise ValueError(f"{self.path} stores no {column} (preprocess it with --store_patch_tokens)")
+        return (shard.token_values[shard.offsets[row]:shard.offsets[row + 1]], values[image_row],
                 int(self._image_starts[s]) + image_row)
 
     def lengths(self) -> np.ndarray:
@@ -233,6 +273,14 @@ class PreprocessedDataset(Sequence):
         s = bisect_right(self._image_starts, image_index) - 1
         shard, row = self._shards[s], image_index - int(self._image_starts[s])
         return shard.keys[row].as_py(), np.asarray(shard.embeddings[row], dtype=np.float32)
+
+    def image_patch_tokens(self, image_index: int) -> np.ndarray:
+        """(N, C) float32 patch tokens of a global image index (datasets with --store_patch_tokens)."""
+        s = bisect_right(self._image_starts, image_index) - 1
+        tokens = self._patch_tokens(self._shards[s], image_index - int(self._image_starts[s]))
+        if tokens is None:
+            raise ValueError(f"{self.path} stores no patch tokens (preprocess it with --store_patch_tokens)")
+        return tokens
 
     def references(self) -> dict[int, list[str]]:
         """global image index -> all its captions (several references per image)."""
