@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         "Random weights never emit end-of-text early, so every caption runs the full budget on both sides.",
         "The reference re-runs GPT-2 (incl. its 50257-wide LM head) on every position at every step;"
         " the Captioner uses HF generate with a KV cache on whole batches.",
+        "beam5_per_beam_prefill_*: the same Captioner with generate's own prefill (the K prefix positions once"
+        " per beam, as before the Captioner shared them across beams), timed in the same run.",
     ]
     write_result(args.result_name, settings, info, figures, notes)
     return 0

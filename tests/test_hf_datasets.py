@@ -91,7 +91,8 @@ def test_bytes_and_path_columns_string_captions_grouped_by_key(tmp_path):
         "text": ["first caption", "second caption", "third caption", "fourth"],
         "img_id": ["a", "a", "b", "c"]})
     ds.save_to_disk(str(tmp_path / "ds"))
-    opts = ReaderOptions(image_column="file", caption_column="text", key_column="img_id", image_root=str(tmp_path / "imgs"))
+    opts = ReaderOptions(image_column="file", caption_column="text", key_column="img_id",
+                         image_root=str(tmp_path / "imgs"))
     records = _records(make_reader(ReaderConfig([str(tmp_path / "ds")], "hf_dataset", opts)))
     assert [(r.key, r.captions) for r in records] == [("a", ["first caption", "second caption"]),
                                                       ("b", ["third caption"]), ("c", ["fourth"])]

@@ -53,3 +53,48 @@ def test_atomic_write_leaves_no_temp_file_and_replaces_content(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+
+
+def test_shard_files_have_the_exact_schema_and_stats(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    content = ShardContent(keys=["a", "b"], embeddings=np.arange(8, dtype=np.float32).reshape(2, 4),
+                           image_rows=[1, 0, 1], captions=["x", "y", "z"], tokens=[[5, 0], [6, 7, 0], [8, 0]])
+    stats_path = write_shard(tmp_path, "00003", content, {"records": 2})
+    assert json.loads(stats_path.read_text()) == {"records": 2, "name": "00003", "num_images": 2, "num_captions": 3,
+                                                  "embedding_dim": 4}
+    shards = tmp_path / SHARD_DIR
+    images = pa.ipc.open_file(pa.memory_map(str(shards / "00003.images.arrow"))).read_all()
+    captions = pa.ipc.open_file(pa.memory_map(str(shards / "00003.captions.arrow"))).read_all()
+    assert images.schema == pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float16(), 4))])
+    assert captions.schema == pa.schema([("image_row", pa.int32()), ("caption", pa.string()),
+                                         ("tokens", pa.list_(pa.int32()))])
+    assert images.column("embedding").to_pylist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert captions.column("tokens").to_pylist() == [[5, 0], [6, 7, 0], [8, 0]]
+    with pytest.raises(AssertionError, match="^one embedding per image key$"):
+        write_shard(tmp_path, "00004", ShardContent(["a"], np.zeros((2, 4)), [], [], []), {})
+
+
+def test_atomic_write_renames_a_hidden_tmp_from_the_same_folder(tmp_path, monkeypatch):
+    import os
+
+    from prefixcap.data import shards as shards_module
+
+    renames = []
+    real = os.replace
+
+    def recording(src, dst):
+        renames.append((os.fspath(src), os.fspath(dst)))
+        real(src, dst)
+
+    monkeypatch.setattr(shards_module.os, "replace", recording)
+    target = tmp_path / "deep" / "er" / "stats.json"  # missing parent folders are created
+    atomic_write_json(target, {"k": [1, 2]})
+    assert json.loads(target.read_text()) == {"k": [1, 2]}
+    (src, dst), = renames
+    assert dst == str(target)
+    src_name = os.path.basename(src)
+    # Same folder (a rename never crosses file systems), and a name completed_shards never counts.
+    assert os.path.dirname(src) == str(target.parent)
+    assert src_name.startswith(".stats.json.") and src_name.endswith(".tmp")

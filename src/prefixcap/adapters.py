@@ -11,8 +11,6 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 from torch import nn
 
 ADAPTER_DIR = "lm_adapter"  # PEFT's own layout: adapter_config.json + adapter_model.safetensors

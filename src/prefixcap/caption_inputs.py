@@ -123,7 +123,8 @@ def _preprocessed_units(source: Source) -> Iterator[InputUnit]:
         def items(dataset=dataset) -> Iterator[Item]:
             for i in range(dataset.num_images):
                 key, embedding = dataset.image(i)
-                yield Item(key, embedding=embedding)
+                tokens = dataset.image_patch_tokens(i) if dataset.patch_token_shape else None  # (N, C)
+                yield Item(key, embedding=embedding, patch_tokens=tokens)
 
         yield InputUnit(path, "preprocessed", dataset.num_images, items)
 

@@ -43,6 +43,7 @@ class Item:
     key: str
     image: Any = None
     embedding: np.ndarray | None = None  # (C,)
+    patch_tokens: np.ndarray | None = None  # (N, C) stored patch tokens: what a token mapper reads, when given
     error: str | None = None  # set by the source (missing image, unreadable sample) or by decoding
     meta: Any = None  # carried through untouched (e.g. the input shard the item came from)
 
@@ -140,6 +141,8 @@ def _prepare_one(cap: Captioner, item: Item) -> np.ndarray | None:
 def _checked_embedding(cap: Captioner, item: Item) -> None:
     """Flatten an embedding item to float32 (C,) (patch tokens: (N, C)); a width the model cannot take
     stops the run at once."""
+    if cap.config.mapping.takes_tokens and item.patch_tokens is not None:
+        item.embedding = item.patch_tokens  # a preprocessed dataset's stored tokens (checked below)
     emb = np.asarray(item.embedding, dtype=np.float32).reshape(-1)
     shape = cap.config.mapping.input_shape
     width = int(np.prod(shape))

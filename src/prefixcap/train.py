@@ -757,14 +757,7 @@ class _Trainer:
 
         path = checkpoint_path(self.cfg.output_dir, self.cfg.output_filename_prefix, tag)
         model = self._unwrapped()
-        last = self.result.val_losses[-1] if self.result.val_losses else None
-        if last is not None:
-            model.card_info["evaluation"] = {"validation_loss": last["loss"], "step": last["step"],
-                                             **({"CIDEr": self.result.cider[-1]["cider"]} if self.result.cider else {})}
-        model.card_info["training"] = {"epochs": self.state.epoch, "optimizer_steps": self.state.global_step,
-                                       "samples_seen": self.state.samples_seen, "lr": self.cfg.lr,
-                                       "batch_size": self.cfg.batch_size * self.world * self.cfg.gradient_accumulation_steps,
-                                       "gradient_checkpointing": self.cfg.gradient_checkpointing}
+        self._refresh_card(model)
         # Optimizer state (2x the trained weights under AdamW) only in _latest, the resume point; epoch
         # and final checkpoints are models plus the small scheduler/RNG state.
         save_checkpoint(path, model, self.optimizer.optimizer, self.scheduler, self.state,
@@ -772,6 +765,18 @@ class _Trainer:
                         merge_lora=self.cfg.merge_lora and tag == "final")
         if str(path) not in self.result.checkpoints:
             self.result.checkpoints.append(str(path))
+
+    def _refresh_card(self, model) -> None:
+        """The run and its last validation, for the model card every checkpoint carries."""
+        cfg, r = self.cfg, self.result
+        if r.val_losses:
+            model.card_info["evaluation"] = {"validation_loss": r.val_losses[-1]["loss"],
+                                             "step": r.val_losses[-1]["step"],
+                                             **({"CIDEr": r.cider[-1]["cider"]} if r.cider else {})}
+        model.card_info["training"] = {"epochs": self.state.epoch, "optimizer_steps": self.state.global_step,
+                                       "samples_seen": self.state.samples_seen, "lr": cfg.lr,
+                                       "batch_size": cfg.batch_size * self.world * cfg.gradient_accumulation_steps,
+                                       "gradient_checkpointing": cfg.gradient_checkpointing}
 
     def _prune_epoch_checkpoints(self) -> None:
         """--save_total_limit N: delete all but the N newest {prefix}_{epoch}.ckpt (main process)."""
@@ -1002,7 +1007,8 @@ class _Trainer:
             if self.resume_from else "starting"
         self.accelerator.print(
             f"prefixcap train: {where}; {c.language_model} ({c.lm_family}, "
-            f"{c.lm_mode if c.lora is None else f'LoRA rank {c.lora.rank}'}) + {c.mapping.mapping_type} mapper, K={c.prefix_length}; "
+            f"{c.lm_mode if c.lora is None else f'LoRA rank {c.lora.rank}'}) + {c.mapping.mapping_type} mapper, "
+            f"K={c.prefix_length}; "
             f"{self.trainable:,} of {self.total_params:,} parameters trained; {len(self.sampler.indices):,} "
             f"training captions, {len(self.val_idx):,} validation; {self.world} process(es) on {self.device}, "
             f"batch {cfg.batch_size}x{self.world}x{cfg.gradient_accumulation_steps}, "

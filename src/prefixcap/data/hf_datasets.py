@@ -32,7 +32,8 @@ def _choose_split(loaded: Any, split: str | None, item: str) -> tuple[Any, str]:
     if split is None:
         split = "train" if "train" in names else names[0] if len(names) == 1 else None
         if split is None:
-            raise InputError(f"--input_dataset {item!r} has the splits {', '.join(names)}; choose one with --hf_split")
+            raise InputError(f"--input_dataset {item!r} has the splits {', '.join(names)}; "
+                             "choose one with --hf_split")
     if split not in names:
         raise InputError(f"--input_dataset {item!r} has no split {split!r} (--hf_split); its splits: {', '.join(names)}")
     return loaded[split], split
