@@ -10,7 +10,7 @@ import torch
 from prefixcap.language_models import load_language_model
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel, _checkpointed_layers
-from prefixcap.train import parse_config
+from prefixcap.train_cli import parse_config
 
 K = 3
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from prefixcap import load_preprocessed
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
-from prefixcap.preprocess import main as preprocess_main
+from prefixcap.preprocess_cli import main as preprocess_main
 from test_preprocess import reference_embeddings, run_args
 
 

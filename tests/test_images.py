@@ -223,7 +223,7 @@ def probe(stage: str, work: str, clip: str, lm: str) -> None:
     thin, good = work_dir / "thin.png", work_dir / "good.png"
     if stage == "preprocess":
         from prefixcap.data import runner
-        from prefixcap.preprocess import main
+        from prefixcap.preprocess_cli import main
 
         measured = {}
         original = runner._process_record

@@ -16,7 +16,8 @@ from prefixcap.checkpoint import load_checkpoint
 from prefixcap.language_models import load_language_model
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
-from prefixcap.train import main, parse_config, train
+from prefixcap.train import train
+from prefixcap.train_cli import main, parse_config
 
 K = 4
 

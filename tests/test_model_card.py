@@ -9,7 +9,7 @@ from prefixcap.adapters import LoraSettings
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 from prefixcap.model_card import evaluation_summary, render_card
-from prefixcap.train import main as train_main
+from prefixcap.train_cli import main as train_main
 
 
 def _card(text: str) -> ModelCard:

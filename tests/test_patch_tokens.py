@@ -18,8 +18,8 @@ from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
 from prefixcap.mapping import MappingConfig, build_mapper, with_token_input
 from prefixcap.patch_tokens import num_tokens, pool_patch_tokens
-from prefixcap.preprocess import main as preprocess_main
-from prefixcap.train import main as train_main
+from prefixcap.preprocess_cli import main as preprocess_main
+from prefixcap.train_cli import main as train_main
 
 SIZE = (40, 30)
 POOL = 2

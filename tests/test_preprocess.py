@@ -18,7 +18,7 @@ import torch
 
 from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
-from prefixcap.preprocess import main
+from prefixcap.preprocess_cli import main
 from prep_helpers import awkward_images, image_bytes, simple_webdataset, write_tar
 
 REPO = Path(__file__).resolve().parents[1]

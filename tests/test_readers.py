@@ -157,14 +157,14 @@ def test_bad_arguments_fail_at_once(tmp_path):
 
 
 def test_reader_flags_parse_to_the_same_options_in_every_cli():
-    from prefixcap import caption_cli, evaluate_cli, preprocess
+    from prefixcap import caption_cli, evaluate_cli, preprocess_cli
     from prefixcap.data.readers import READER_FLAGS
 
     shared = ["--wds_image_key", "png;jpg", "--image_column", "path", "--caption_column", "text",
               "--key_column", "id"]
     captions_from = ["--wds_caption_key", "caps", "--wds_caption_in_metadata"]  # preprocess and evaluate
     files_from = ["--cache_path", "/tmp/cache", "--image_root", "/imgs", "--coco_split", "test"]  # preprocess, caption
-    pre = preprocess.parse_config(["--input_dataset", "x.tar", *shared, *captions_from, *files_from]).reader
+    pre = preprocess_cli.parse_config(["--input_dataset", "x.tar", *shared, *captions_from, *files_from]).reader
     parser = caption_cli.build_parser()
     cap = caption_cli.job_from_args(parser, parser.parse_args(["--model", "m", "x.tar", *shared, *files_from]))
     ev = evaluate_cli.config_from_args(evaluate_cli.build_parser().parse_args(["--model", "m", *shared, *captions_from]))
@@ -177,13 +177,13 @@ def test_reader_flags_parse_to_the_same_options_in_every_cli():
     assert ev.reader == ReaderOptions(**{**vars(expected), "cache_path": None, "image_root": None, "coco_split": None})
 
     # Defaults: what each command has always had (caption reads no caption column unless asked).
-    assert preprocess.parse_config(["--input_dataset", "x"]).reader == ReaderOptions()
+    assert preprocess_cli.parse_config(["--input_dataset", "x"]).reader == ReaderOptions()
     assert evaluate_cli.config_from_args(evaluate_cli.build_parser().parse_args(["--model", "m"])).reader == ReaderOptions()
     plain = caption_cli.job_from_args(parser, parser.parse_args(["--model", "m", "x"])).inputs.reader
     assert plain == ReaderOptions(caption_column=None)
-    assert preprocess.parse_config(["--input_dataset", "x", "--wds_caption_in_metadata", "false"]).reader \
+    assert preprocess_cli.parse_config(["--input_dataset", "x", "--wds_caption_in_metadata", "false"]).reader \
         .wds_caption_in_metadata is False
     # One help text per flag, wherever it is offered.
-    for build in (preprocess.build_parser, caption_cli.build_parser, evaluate_cli.build_parser):
+    for build in (preprocess_cli.build_parser, caption_cli.build_parser, evaluate_cli.build_parser):
         helps = {a.dest: a.help for a in build()._actions if a.dest in READER_FLAGS}
         assert helps and all(helps[k] == READER_FLAGS[k][1] for k in helps)

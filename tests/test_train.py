@@ -27,7 +27,8 @@ from prefixcap.data.loader import (
 )
 from prefixcap.data.shards import load_preprocessed
 from prefixcap.model import CaptionModel
-from prefixcap.train import TrainConfig, main, parse_config, train
+from prefixcap.train import TrainConfig, train
+from prefixcap.train_cli import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4  # prefix length the test datasets were "preprocessed" with

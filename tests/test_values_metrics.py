@@ -62,3 +62,62 @@ def test_per_image_scores_follow_keys_not_position():
     assert list(backward.per_image) == ["c", "a", "b"]
     for key in PREDICTIONS:
         assert backward.per_image[key] == pytest.approx(forward.per_image[key], abs=1e-12)
+
+
+def test_refusals_name_what_was_wrong():
+    with pytest.raises(ValueError, match=r"^unknown metric\(s\) \['nope'\]; expected some of bleu, meteor, rouge, "
+                                         r"cider, spice$"):
+        M.coco_scores({"a": "x"}, {"a": ["x"]}, metrics=["bleu", "nope"], tokenizer="simple")
+    preds = {k: "x" for k in "vwxyz"}
+    with pytest.raises(ValueError, match=r"^5 prediction\(s\) have no reference, e.g. \['v', 'w', 'x'\]$"):
+        M.coco_scores(preds, {}, metrics=["bleu"], tokenizer="simple")
+    with pytest.raises(ValueError, match=r"^unknown tokenizer 'moses'; expected auto, ptb or simple$"):
+        M.coco_scores({"a": "x"}, {"a": ["x"]}, metrics=["bleu"], tokenizer="moses")
+
+
+def test_empty_input_gives_empty_scores():
+    assert M.coco_scores({}, {}, metrics=["bleu", "cider"], tokenizer="simple") == M.CocoScores({}, {}, "simple", [], {})
+    assert M.diversity_stats([]) == {"mean_length_words": 0.0, "vocabulary_size": 0, "distinct_captions": 0,
+                                     "distinct_caption_share": 0.0}
+
+
+def test_without_java_the_notices_and_skips_are_exact(monkeypatch):
+    monkeypatch.setattr(M, "java_available", lambda: False)
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["meteor", "bleu", "spice", "cider"])
+    assert s.tokenizer == "simple"
+    assert s.skipped == {"meteor": "METEOR skipped: Java is not on PATH", "spice": "SPICE skipped: Java is not on PATH"}
+    assert s.notices == [
+        "Java is not on PATH: captions tokenised without the PTB tokenizer, so BLEU/ROUGE-L/CIDEr are not "
+        "comparable with published tables",
+        "METEOR skipped: Java is not on PATH", "SPICE skipped: Java is not on PATH"]
+    # The metrics after a skipped one are still computed.
+    assert set(s.corpus) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    assert s.corpus["Bleu_1"] == pytest.approx(0.8 * math.exp(-0.2), abs=1e-6)
+
+
+def test_spice_results_timeout_and_failures_are_routed(monkeypatch):
+    monkeypatch.setattr(M, "java_available", lambda: True)
+    monkeypatch.setattr(M, "spice_status", lambda: (True, ""))
+    seen = {}
+
+    def fake_spice(tok_preds, tok_refs, timeout_s):
+        seen["timeout"] = timeout_s
+        return 0.25, {k: 0.1 * (i + 1) for i, k in enumerate(tok_preds)}
+
+    monkeypatch.setattr(M, "_run_spice", fake_spice)
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
+    assert seen["timeout"] == 3600 and s.corpus == {"SPICE": 0.25}
+    assert {k: v["SPICE"] for k, v in s.per_image.items()} == {"b": 0.1, "a": 0.2, "c": pytest.approx(0.3)}
+    M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple", spice_timeout_s=7)
+    assert seen["timeout"] == 7
+
+    def broken(*args):
+        raise M.MetricError("jar exited 1")
+
+    monkeypatch.setattr(M, "_run_spice", broken)
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
+    assert s.skipped == {"spice": "jar exited 1"} and s.notices == ["SPICE skipped: jar exited 1"]
+    monkeypatch.setattr(M, "spice_status", lambda: (False, "SPICE skipped: no CoreNLP"))
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
+    assert s.skipped == {"spice": "SPICE skipped: no CoreNLP"} and s.notices == ["SPICE skipped: no CoreNLP"]
+    assert s.corpus == {} and all(v == {} for v in s.per_image.values())

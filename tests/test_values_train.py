@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from prefixcap.checkpoint import load_checkpoint
 from prefixcap.data.loader import CaptionDataset, LengthGroupedBatchSampler, collate, split_by_image
 from prefixcap.model import CaptionModel
-from prefixcap.train import parse_config, train
+from prefixcap.train import train
+from prefixcap.train_cli import parse_config
 
 K = 4
 SEED = 3

@@ -9,8 +9,8 @@ from importlib import import_module
 # `main(argv: list[str] | None) -> int` that parses its own flags, so `train.py` and
 # `create_dataset.py` at the repository root can reuse exactly the same parsers.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("prefixcap.preprocess", "encode images with CLIP and tokenize captions into shards"),
-    "train": ("prefixcap.train", "train the mapping network (and optionally the LM)"),
+    "preprocess": ("prefixcap.preprocess_cli", "encode images with CLIP and tokenize captions into shards"),
+    "train": ("prefixcap.train_cli", "train the mapping network (and optionally the LM)"),
     "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
     "evaluate": ("prefixcap.evaluate_cli", "COCO caption metrics and CLIPScore"),
     "serve": ("prefixcap.serve_cli", "HTTP captioning service with a web page"),

@@ -7,8 +7,8 @@ and the caption states the count and one relation per link of the chain:
     "three shapes: a small red circle left of a big blue square and the big blue square above a
      small green triangle"
 
-Wording varies (which end the chain starts from, "two shapes"/"two objects", "left of"/"to the left
-of", "above"/"over", ...), the content does not. `score_caption` parses any such caption back and checks
+The chain is read from its end that comes first in reading order; wording varies ("two
+shapes"/"two objects", "left of"/"to the left of", "above"/"over", ...), the content does not. `score_caption` parses any such caption back and checks
 it against the scene: count, the colour/shape/size multisets, and every stated relation against the
 geometry (so "the square right of the circle" is as right as "the circle left of the square").
 
@@ -191,8 +191,16 @@ def _article(noun_phrase: str, definite: bool) -> str:
 
 
 def make_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """One wording: the chain read from either end, one clause per link, a later mention with 'the'."""
-    chain = scene.objects if rng.random() < 0.5 else scene.objects[::-1]
+    """One wording: the chain read from its end that comes first in reading order (top row first, then
+    left to right), one clause per link, a later mention with 'the'.
+
+    A fixed reading order keeps the relation words a function of the image. With the chain read from
+    a random end (the first design), "A left of B" and "B right of A" were equally likely, so the
+    relation word depended on which object the LM had happened to name first; in a pilot every mapper
+    stated relations correctly for only 0-3 % of scenes.
+    """
+    first, last = scene.objects[0], scene.objects[-1]
+    chain = scene.objects if (first.row, first.col) < (last.row, last.col) else scene.objects[::-1]
     clauses, named = [], set()
     for a, b in zip(chain, chain[1:]):
         rel = relation(a, b)
