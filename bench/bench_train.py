@@ -32,11 +32,9 @@ def dataset_manifest(gpt2_dir: Path, clip_dir: Path) -> dict:
     from prefixcap.language_models import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(str(gpt2_dir))
-    return {"clip_model": str(clip_dir), "encoder": str(clip_dir), "embedding_dim": 512, "normalized": False,
-            "tokenizer": str(gpt2_dir), "tokenizer_model_type": "gpt2", "lm_family": "causal",
-            "tokenizer_fingerprint": tokenizer_fingerprint(tok), "eos_token_id": tok.eos_token_id,
-            "pad_token_id": tok.pad_token_id, "max_token_length": 128, "prefix_length": 10,
-            "input_format": "synthetic", "created_by": "bench.synthetic", "format_version": 1}
+    return {"clip_model": str(clip_dir), "embedding_dim": 512, "normalized": False, "tokenizer": str(gpt2_dir),
+            "lm_family": "causal", "tokenizer_fingerprint": tokenizer_fingerprint(tok), "max_token_length": 128,
+            "prefix_length": 10, "input_format": "synthetic", "created_by": "bench.synthetic", "format_version": 1}
 
 
 def make_dataset(num_captions: int) -> Path:
@@ -107,7 +105,7 @@ def build_reference(data_dir: Path, only_prefix: bool, seed: int = 42):
         embs.append(np.asarray(e, np.float32))
     dataset = reference.PaddedCaptionDataset(tokens, np.stack(embs), prefix_length=10)
     torch.manual_seed(seed)
-    lm = load_language_model(data.manifest["tokenizer"], "causal")
+    lm = load_language_model(data.manifest.tokenizer, "causal")
     mapper = build_mapper(MappingConfig("mlp", prefix_size=512, lm_dim=768, prefix_length=10))
     return reference.ReferenceCaptioner(lm, mapper, 10, only_prefix), dataset
 
@@ -132,8 +130,8 @@ def check_same_loss(data_dir: Path) -> dict:
     from prefixcap.model import CaptionConfig, CaptionModel
 
     model, dataset = build_reference(data_dir, only_prefix=True)
-    cfg = CaptionConfig(language_model=CaptionDataset(data_dir).manifest["tokenizer"], mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)
-    ours = CaptionModel(cfg, lm=model.lm, tokenizer=load_tokenizer(CaptionDataset(data_dir).manifest["tokenizer"]))
+    cfg = CaptionConfig(language_model=CaptionDataset(data_dir).manifest.tokenizer, mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)
+    ours = CaptionModel(cfg, lm=model.lm, tokenizer=load_tokenizer(CaptionDataset(data_dir).manifest.tokenizer))
     ours.mapper = model.mapper
     ours.eval()
     model.eval()

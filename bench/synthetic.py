@@ -86,12 +86,7 @@ def write_preprocessed(folder: str | Path, num_captions: int, manifest_extra: di
     Shards go through prefixcap's own `write_shard`; the manifest is `manifest_extra` plus the
     counts, written last like the preprocess runner does. Reused when the manifest matches.
     """
-    from prefixcap.data.shards import (
-        MANIFEST,
-        ShardContent,
-        atomic_write_json,
-        write_shard,
-    )
+    from prefixcap.data.shards import MANIFEST, Manifest, ShardContent, write_shard
 
     folder = Path(folder)
     signature = {"num_captions": num_captions, "captions_per_image": captions_per_image,
@@ -121,9 +116,8 @@ def write_preprocessed(folder: str | Path, num_captions: int, manifest_extra: di
         stats = write_shard(folder, name, content, {"synthetic": True})
         shards.append(json.loads(Path(stats).read_text()))
         total_images += n_img
-    manifest = {**manifest_extra, "bench_signature": signature, "shards": shards, "num_captions": num_captions,
-                "num_images": total_images, "embedding_dim": embedding_dim}
-    atomic_write_json(manifest_path, manifest)
+    Manifest.from_dict({**manifest_extra, "bench_signature": signature, "shards": shards, "num_captions": num_captions,
+                        "num_images": total_images, "embedding_dim": embedding_dim}).write(folder)
     return folder
 
 

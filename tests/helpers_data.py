@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from prefixcap.data.shards import MANIFEST, ShardContent, atomic_write_json, write_shard
+from prefixcap.data.shards import Manifest, ShardContent, write_shard
 from prefixcap.language_models import (
     load_tokenizer,
     tokenize_caption,
@@ -46,13 +46,10 @@ def make_dataset(folder: str | Path, lm_path: str, family: str = "causal", num_i
         shards.append({"name": name, "num_images": hi - lo, "num_captions": len(caps)})
         n_captions += len(caps)
     manifest = {
-        "format_version": 1, "clip_model": "tiny-clip", "encoder": "tiny-clip", "embedding_dim": dim,
-        "normalized": False, "tokenizer": lm_path, "tokenizer_model_type": "gpt2" if family == "causal" else "t5",
-        "lm_family": family, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        "max_token_length": max_token_length, "prefix_length": prefix_length, "num_images": num_images,
-        "num_captions": n_captions, "num_skipped": 0, "skipped": {}, "num_truncated": 0, "shards": shards,
+        "clip_model": "tiny-clip", "embedding_dim": dim, "normalized": False, "tokenizer": lm_path, "lm_family": family,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "max_token_length": max_token_length,
+        "prefix_length": prefix_length, "num_images": num_images, "num_captions": n_captions, "shards": shards,
     }
     manifest.update(manifest_overrides or {})
-    atomic_write_json(folder / MANIFEST, manifest)
+    Manifest.from_dict(manifest).write(folder)
     return folder

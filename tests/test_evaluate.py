@@ -225,19 +225,18 @@ def test_karpathy_split_and_file_name_keys(tmp_path):
 
 def write_preprocessed(folder: Path, clip: str, embeddings: np.ndarray) -> Path:
     """A minimal preprocessed dataset (two shards) written with the shard format's own writer."""
-    from prefixcap.data.shards import ShardContent, atomic_write_json, write_shard
+    from prefixcap.data.shards import Manifest, ShardContent, ShardEntry, write_shard
 
     keys = [str(i) for i in CAPTIONS]
-    names = []
+    shards = []
     for s, part in enumerate((keys[:2], keys[2:])):
         rows = [r for r, k in enumerate(part) for _ in CAPTIONS[int(k)]]
         caps = [c for k in part for c in CAPTIONS[int(k)]]
         idx = [keys.index(k) for k in part]
         write_shard(folder, f"{s:05d}", ShardContent(part, embeddings[idx], rows, caps, [[1, 2, 0]] * len(caps)),
                     {"images": len(part)})
-        names.append(f"{s:05d}")
-    atomic_write_json(folder / "manifest.json", {"shards": [{"name": n} for n in names], "clip_model": clip,
-                                                 "embedding_dim": embeddings.shape[1]})
+        shards.append(ShardEntry(f"{s:05d}", len(part), len(caps)))
+    Manifest(clip_model=clip, embedding_dim=embeddings.shape[1], shards=shards).write(folder)
     return folder
 
 

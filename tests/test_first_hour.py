@@ -307,7 +307,7 @@ def test_duplicate_members_and_keys_are_counted_and_lose_nothing(tiny_clip, tiny
     assert sorted(s.key for s in ds) == ["a", "b", "c", "d"]  # nothing after the repeated member is lost
     assert next(s for s in ds if s.key == "a").caption == "first a"
     assert next(s for s in ds if s.key == "c").caption == "c"  # the first c is kept
-    assert m["skipped"] == {"duplicate_member": 1, "duplicate_key": 2}, m["skipped"]
+    assert m.skipped == {"duplicate_member": 1, "duplicate_key": 2}, m.skipped
 
     files = tmp_path / "files"
     files.mkdir()
@@ -318,7 +318,7 @@ def test_duplicate_members_and_keys_are_counted_and_lose_nothing(tiny_clip, tiny
     (files / "y.txt").write_text("y")
     proc = cli(*preprocess_args(files, tmp_path / "out_files", tiny_clip, tiny_gpt2, fmt="files"))
     assert proc.returncode == 0, proc.stderr
-    assert load_preprocessed(tmp_path / "out_files").manifest["skipped"] == {"duplicate_key": 1}
+    assert load_preprocessed(tmp_path / "out_files").manifest.skipped == {"duplicate_key": 1}
 
 
 def test_files_format_writes_no_empty_shards_and_stores_truncated_text(tiny_clip, tiny_gpt2, tmp_path):

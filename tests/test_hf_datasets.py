@@ -133,8 +133,8 @@ def test_preprocess_reads_a_saved_dataset(saved, tmp_path, tiny_clip, tiny_gpt2)
                                   "--num_prepro_workers", "0", fmt="hf_dataset"))
     assert rc == 0
     ds = load_preprocessed(tmp_path / "out")
-    assert ds.manifest["num_images"] == 5 and ds.manifest["num_captions"] == 10
-    assert ds.manifest["input_format"] == "hf_dataset"
+    assert ds.manifest.num_images == 5 and ds.manifest.num_captions == 10
+    assert ds.manifest.input_format == "hf_dataset"
     images = {}
     for i in range(5):
         buf = io.BytesIO()

@@ -85,7 +85,7 @@ def test_preprocess_stores_float16_tokens_and_records_them(token_data, tiny_clip
 
     _, out = token_data
     data = load_preprocessed(out)
-    record = data.manifest["patch_tokens"]
+    record = data.manifest.patch_tokens
     assert (record["num_tokens"], record["dim"], record["pool"], record["dtype"]) == (N_POOLED, C, POOL, "float16")
     table = pa.ipc.open_file(pa.memory_map(str(next((out / SHARD_DIR).glob("*.images.arrow"))))).read_all()
     column = table.schema.field("patch_tokens").type

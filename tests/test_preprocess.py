@@ -88,10 +88,10 @@ def test_seed_command_on_webdataset(seed_run, tiny_gpt2):
         assert "CUDA is not available; using cpu" in proc.stderr
     assert "12 images" in proc.stdout
     ds = load_preprocessed(work / "preprocessed_dataset")
-    m = ds.manifest
+    m = ds.manifest.to_dict()  # as manifest.json holds it
     assert m["num_images"] == 12 and m["num_captions"] == 12 and m["num_skipped"] == 0 and m["skipped"] == {}
     assert m["embedding_dim"] == 16 and m["normalized"] is False and m["lm_family"] == "causal"
-    assert m["tokenizer"] == tiny_gpt2 and m["tokenizer_model_type"] == "gpt2"
+    assert m["tokenizer"] == tiny_gpt2
     assert m["max_token_length"] == 128 and m["prefix_length"] == 10 and m["num_truncated"] == 0
     assert sum(s["num_images"] for s in m["shards"]) == 12 and m["format_version"] >= 1 and m["created_by"]
     assert [s.key for s in ds] == [f"{t:03d}{i:04d}" for t in range(3) for i in range(4)]
@@ -144,8 +144,8 @@ def test_each_input_format(tmp_path, tiny_clip, tiny_t5, fmt):
     assert rc == 0
     ds = load_preprocessed(tmp_path / "out")
     per_image = 1 if fmt == "files" else 5
-    assert ds.manifest["num_images"] == ds.num_images == 4  # five captions, one encoding per image
-    assert len(ds) == 4 * per_image and ds.manifest["lm_family"] == "seq2seq"
+    assert ds.manifest.num_images == ds.num_images == 4  # five captions, one encoding per image
+    assert len(ds) == 4 * per_image and ds.manifest.lm_family == "seq2seq"
     keys = [ds.image(i)[0] for i in range(ds.num_images)]
     key_of = {k: k.split("/")[-1] for k in keys}
     assert sorted(key_of.values()) == sorted(images)
@@ -173,7 +173,7 @@ def test_embeddings_input_is_not_reencoded(tmp_path, tiny_gpt2):
                        fmt="embeddings"))
     assert rc == 0
     ds = load_preprocessed(tmp_path / "out")
-    m = ds.manifest
+    m = ds.manifest.to_dict()  # as manifest.json holds it
     assert m["num_images"] == 5 and m["skipped"] == {"no_caption": 1} and m["embedding_dim"] == 8
     assert m["normalized"] is True and m["clip_model"] == "ViT-B/32"
     stored = np.load(tmp_path / "emb" / "img_emb" / "img_emb_1.npy")
@@ -201,7 +201,7 @@ def test_bad_inputs_are_counted_and_never_stop_the_run(tmp_path, tiny_clip, tiny
                        "--max_token_length", "16"))
     assert rc == 0
     ds = load_preprocessed(tmp_path / "out")
-    m = ds.manifest
+    m = ds.manifest.to_dict()  # as manifest.json holds it
     expected_skips = {"empty_file": 1, "not_an_image": 1, "truncated": 1, "too_large": 1, "no_caption": 2,
                       "missing_image": 1, "truncated_tar": 1}
     assert m["skipped"] == expected_skips and m["num_skipped"] == sum(expected_skips.values())
@@ -302,7 +302,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(resume_data, tiny_clip, t
     after = {p.name: p.stat().st_mtime_ns for p in (out / SHARD_DIR).glob("*.json")}
     assert all(after[name] == mtime for name, mtime in before.items())  # finished shards were not redone
     assert dump(out) == dump(work / "reference")
-    assert load_preprocessed(out).manifest["num_images"] == 24
+    assert load_preprocessed(out).manifest.num_images == 24
 
 
 def test_two_ranks_write_one_dataset(resume_data, tiny_clip, tiny_gpt2):
@@ -316,4 +316,4 @@ def test_two_ranks_write_one_dataset(resume_data, tiny_clip, tiny_gpt2):
     ranks = {json.loads(p.read_text())["rank"] for p in (out / SHARD_DIR).glob("*.json")}
     assert ranks == {0, 1}  # both ranks wrote shards
     assert dump(out) == dump(work / "reference")  # one manifest covering everything, in input order
-    assert load_preprocessed(out).manifest["world_size"] == 2
+    assert load_preprocessed(out).manifest.world_size == 2

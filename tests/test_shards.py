@@ -11,7 +11,9 @@ from prefixcap.data.runner import (
     SettingsMismatchError, _rank_marker, _unit_progress, check_settings, parse_shard_name, shard_name,
     try_write_manifest,
 )
-from prefixcap.data.shards import SHARD_DIR, ShardContent, atomic_write_json, completed_shards, load_preprocessed, write_shard
+from prefixcap.data.shards import (
+    SHARD_DIR, Manifest, ShardContent, atomic_write_json, completed_shards, load_preprocessed, write_shard,
+)
 
 
 def _content(n_images: int, seed: int, dim: int = 4) -> ShardContent:
@@ -34,7 +36,7 @@ def test_shard_names_sort_in_input_order():
 
 
 def test_manifest_covers_complete_shards_only(tmp_path):
-    header = {"embedding_dim": 4, "clip_model": "x", "input_format": "files"}
+    header = Manifest(embedding_dim=4, clip_model="x", input_format="files")
     write_shard(tmp_path, shard_name(0, 0), _content(2, 0), {"records": 3, "last": True, "skipped": {"corrupt": 1}})
     write_shard(tmp_path, shard_name(1, 0), _content(3, 1), {"records": 3, "last": False, "num_truncated": 2})
     write_shard(tmp_path, shard_name(1, 1), _content(0, 2), {"records": 0, "last": True})  # empty last part
@@ -48,10 +50,11 @@ def test_manifest_covers_complete_shards_only(tmp_path):
     assert try_write_manifest(tmp_path, 2, header) is None
     atomic_write_json(_rank_marker(tmp_path, 1, 2), {})
     manifest = try_write_manifest(tmp_path, 2, header)
-    assert manifest == json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["num_images"] == 5 and manifest["num_captions"] == 10
-    assert manifest["skipped"] == {"corrupt": 1} and manifest["num_skipped"] == 1 and manifest["num_truncated"] == 2
-    assert [s["name"] for s in manifest["shards"]] == [shard_name(0, 0), shard_name(1, 0)]  # empty one left out
+    assert manifest.to_dict() == json.loads((tmp_path / "manifest.json").read_text())
+    assert Manifest.read(tmp_path) == manifest
+    assert manifest.num_images == 5 and manifest.num_captions == 10 and manifest.world_size == 2
+    assert manifest.skipped == {"corrupt": 1} and manifest.num_skipped == 1 and manifest.num_truncated == 2
+    assert [s.name for s in manifest.shards] == [shard_name(0, 0), shard_name(1, 0)]  # empty one left out
 
     ds = load_preprocessed(tmp_path)
     assert len(ds) == 10 and ds.num_images == 5
@@ -84,3 +87,18 @@ def test_atomic_writes_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(tmp_path / "m.json").st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_manifest_keeps_unknown_keys_and_refuses_a_newer_format(tmp_path):
+    from prefixcap.data.shards import FORMAT_VERSION
+
+    data = Manifest(clip_model="c", embedding_dim=8).to_dict()
+    data["written_by_a_newer_tool"] = {"x": 1}
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    m = Manifest.read(tmp_path)
+    assert m.clip_model == "c" and m.embedding_dim == 8 and m.extra == {"written_by_a_newer_tool": {"x": 1}}
+    assert m.to_dict() == data  # a rewrite keeps what this version does not know
+    data["format_version"] = FORMAT_VERSION + 1
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="format_version"):
+        Manifest.read(tmp_path)

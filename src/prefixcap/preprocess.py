@@ -15,7 +15,7 @@ from typing import Any
 
 from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
-from prefixcap.data.shards import FORMAT_VERSION
+from prefixcap.data.shards import FORMAT_VERSION, Manifest
 from prefixcap.devices import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -129,18 +129,13 @@ def run_preprocess(cfg: PreprocessConfig):
     }
     if patch_record:  # absent otherwise, so folders written before the option resume unchanged
         settings.update(store_patch_tokens=True, patch_pool=cfg.patch_pool)
-    header = {
-        "clip_model": cfg.clip_model, "encoder": encoder_name, "embedding_dim": embedding_dim, "normalized": False,
-        "tokenizer": cfg.tokenizer_model_variant, "tokenizer_model_type": cfg.tokenizer_model_type,
-        "lm_family": family, "tokenizer_fingerprint": fingerprint,
-        "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-        "max_token_length": cfg.max_token_length, "prefix_length": cfg.prefix_length,
-        "input_format": cfg.input_format, "created_by": f"prefixcap {__version__} preprocess",
-        **({"hub_datasets": reader.hub_datasets} if getattr(reader, "hub_datasets", None) else {}),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    if patch_record:
-        header["patch_tokens"] = patch_record
+    header = Manifest(
+        clip_model=cfg.clip_model, embedding_dim=embedding_dim, tokenizer=cfg.tokenizer_model_variant,
+        lm_family=family, tokenizer_fingerprint=fingerprint, max_token_length=cfg.max_token_length,
+        prefix_length=cfg.prefix_length, input_format=cfg.input_format,
+        hub_datasets=list(getattr(reader, "hub_datasets", None) or []), patch_tokens=patch_record or None,
+        created_by=f"prefixcap {__version__} preprocess", created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     run_cfg = RunConfig(
         output_folder=cfg.output_folder, batch_size=cfg.batch_size, num_prepro_workers=cfg.num_prepro_workers,
         samples_per_shard=cfg.samples_per_shard, subset_size=cfg.subset_size, max_image_pixels=cfg.max_image_pixels,

@@ -80,18 +80,18 @@ def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
     if manifest is None:
         out.append(f"  other ranks are still running; the last one to finish writes {cfg.output_folder}/manifest.json")
     else:
-        out.append(f"  dataset {cfg.output_folder}: {manifest['num_images']} images, {manifest['num_captions']} captions, "
-                   f"{len(manifest['shards'])} shards, embedding_dim {manifest['embedding_dim']}")
-        out.append(f"  skipped {manifest['num_skipped']}" + "".join(
-            f"\n    {reason}: {n}  ({SKIP_REASONS.get(reason, '')})" for reason, n in manifest["skipped"].items()))
-        if manifest.get("converted"):
+        out.append(f"  dataset {cfg.output_folder}: {manifest.num_images} images, {manifest.num_captions} captions, "
+                   f"{len(manifest.shards)} shards, embedding_dim {manifest.embedding_dim}")
+        out.append(f"  skipped {manifest.num_skipped}" + "".join(
+            f"\n    {reason}: {n}  ({SKIP_REASONS.get(reason, '')})" for reason, n in manifest.skipped.items()))
+        if manifest.converted:
             out.append("  converted" + "".join(f"\n    {name}: {n}  ({CONVERSIONS.get(name, '')})"
-                                              for name, n in manifest["converted"].items()))
-        out.append(f"  captions truncated to {manifest['max_token_length']} tokens: {manifest['num_truncated']}")
-        if manifest.get("patch_tokens"):
+                                              for name, n in manifest.converted.items()))
+        out.append(f"  captions truncated to {manifest.max_token_length} tokens: {manifest.num_truncated}")
+        if manifest.patch_tokens:
             from prefixcap.patch_tokens import describe_storage
 
-            out.append("  " + describe_storage(manifest["patch_tokens"], manifest["num_images"]))
+            out.append("  " + describe_storage(manifest.patch_tokens, manifest.num_images))
     print("\n".join(out))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,18 +191,6 @@ def _jsonl_references(path: Path) -> References:
     return refs
 
 
-def _manifest_encoder(manifest: Mapping[str, Any]) -> str | None:
-    for name in ("clip_model", "encoder", "encoder_name", "clip"):
-        value = manifest.get(name)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, Mapping):
-            for sub in ("requested", "name", "clip_model"):
-                if isinstance(value.get(sub), str):
-                    return value[sub]
-    return None
-
-
 def _preprocessed_references(path: Path) -> References:
     from prefixcap.data.shards import load_preprocessed
 
@@ -210,7 +198,7 @@ def _preprocessed_references(path: Path) -> References:
         ds = load_preprocessed(path)
     except FileNotFoundError as err:
         raise EvaluationError(str(err)) from err
-    refs = References({}, "preprocessed", embeddings={}, embedding_model=_manifest_encoder(ds.manifest))
+    refs = References({}, "preprocessed", embeddings={}, embedding_model=ds.manifest.clip_model)
     by_index = ds.references()
     for index in range(ds.num_images):
         key, embedding = ds.image(index)

@@ -17,10 +17,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefixcap.devices import relaunch, select_devices, under_launcher
 from prefixcap.errors import PrefixcapError, UsageError
+
+if TYPE_CHECKING:  # the data stack is imported only when a run starts
+    from prefixcap.data.shards import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +322,7 @@ class _Trainer:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         return plugin
 
-    def _build_loaders(self, cpu: bool, lengths, manifest: dict[str, Any]):
+    def _build_loaders(self, cpu: bool, lengths, manifest: Manifest):
         """Validation split (by image), samplers and loaders; returns the training caption indices."""
         import numpy as np
 
@@ -377,7 +380,7 @@ class _Trainer:
             else:
                 self.accelerator.print(f"prefixcap train: --resume: no checkpoint at {path} yet; starting from scratch")
 
-    def _build_model(self, manifest: dict[str, Any], lengths, num_train_captions: int):
+    def _build_model(self, manifest: Manifest, lengths, num_train_captions: int):
         """The CaptionModel, new or from the resume checkpoint (seeded: identical on every rank)."""
         import torch
 
@@ -505,11 +508,12 @@ class _Trainer:
                       f"in {out}")
         acc.wait_for_everyone()
 
-    def _check_val_manifest(self, val: dict[str, Any], train: dict[str, Any]) -> None:
+    def _check_val_manifest(self, val: Manifest, train: Manifest) -> None:
         for key in ("embedding_dim", "clip_model", "tokenizer_fingerprint", "lm_family"):
-            if key in val and key in train and val[key] != train[key]:
-                raise TrainConfigError(f"--val_data_dir {self.cfg.val_data_dir}: its {key} ({val[key]}) differs "
-                                       f"from --data_dir {self.cfg.data_dir}'s ({train[key]})")
+            mine, theirs = getattr(val, key), getattr(train, key)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise TrainConfigError(f"--val_data_dir {self.cfg.val_data_dir}: its {key} ({mine}) differs "
+                                       f"from --data_dir {self.cfg.data_dir}'s ({theirs})")
 
     def _check_resume(self, saved: dict[str, Any], config) -> None:
         now = self.run_config

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefixcap.data.shards import Manifest
+
 from prefixcap.train import TrainConfig, TrainConfigError, first_line
 
 logger = logging.getLogger(__name__)
@@ -19,18 +21,22 @@ logger = logging.getLogger(__name__)
 _TOKENIZER_KWARGS = ("cache_dir", "revision", "token", "trust_remote_code", "local_files_only", "force_download")
 
 
-def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int, max_caption_tokens: int):
+def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_caption_tokens: int):
     """Build (CaptionConfig, lm, tokenizer), refusing settings that contradict the dataset."""
     from prefixcap.language_models import LanguageModelError, load_language_model
     from prefixcap.model import CaptionConfig
 
     where = f"the dataset {cfg.data_dir}"
-    dim = int(manifest.get("embedding_dim") or embedding_dim)
+    dim = int(manifest.embedding_dim or embedding_dim)
     if cfg.prefix_size is not None and cfg.prefix_size != dim:
         raise TrainConfigError(
             f"--prefix_size {cfg.prefix_size} conflicts with {where}: its CLIP embeddings "
-            f"({manifest.get('clip_model', 'unknown encoder')}) are {dim}-d; omit --prefix_size or pass {dim}")
-    data_k = manifest.get("prefix_length")
+            f"({manifest.clip_model}) are {dim}-d; omit --prefix_size or pass {dim}")
+    if manifest.normalized and not cfg.normalize_prefix:
+        # clip-retrieval embeddings are unit-norm, while captioning images later embeds them raw.
+        logger.warning("notice: the dataset's embeddings are L2-normalised but --normalize_prefix is off; images "
+                       "captioned with this model will not be normalised the same way (pass --normalize_prefix)")
+    data_k = manifest.prefix_length
     if cfg.prefix_length is not None and data_k is not None and cfg.prefix_length != int(data_k):
         # The shards hold embeddings and tokens only; K is the mapper's, so the seed's own README
         # (preprocess with 10, train with 40) must work. The manifest's K is only the default.
@@ -52,15 +58,15 @@ def resolve_model(cfg: TrainConfig, manifest: dict[str, Any], embedding_dim: int
             f"{name}'s {max_pos} positions; use a shorter prefix or preprocess with a smaller --max_token_length")
     mapping = _mapping_config(cfg, manifest, where, name, dim, k, lm)
     config = CaptionConfig(
-        clip_model=str(manifest.get("clip_model", "unknown")), language_model=name, lm_family=family,
-        tokenizer=manifest.get("tokenizer") or name, mapping=mapping,
+        clip_model=str(manifest.clip_model), language_model=name, lm_family=family,
+        tokenizer=manifest.tokenizer or name, mapping=mapping,
         normalize_prefix=cfg.normalize_prefix, only_prefix=cfg.only_prefix,
-        max_token_length=int(manifest.get("max_token_length") or max_caption_tokens))
+        max_token_length=int(manifest.max_token_length or max_caption_tokens))
     config.lora = lora_settings(cfg, lm)
     return config, lm, tokenizer
 
 
-def _language_model_and_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], where: str):
+def _language_model_and_tokenizer(cfg: TrainConfig, manifest: Manifest, where: str):
     """(LM name, the flag that named it, its family, its tokenizer), checked against the dataset's tokenizer."""
     from prefixcap.language_models import (
         LanguageModelError,
@@ -70,26 +76,26 @@ def _language_model_and_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], wh
         tokenizer_fingerprint,
     )
 
-    data_tok = manifest.get("tokenizer")
+    data_tok = manifest.tokenizer
     name = cfg.language_model or cfg.language_model_variant or data_tok or "gpt2-xl"
     flag = "--language_model" if cfg.language_model else "--language_model_variant"
     tok_kwargs = {k_: v for k_, v in cfg.hf_kwargs.items() if k_ in _TOKENIZER_KWARGS}
     try:
         if cfg.language_model_type:
             family = family_of_type(cfg.language_model_type, name, **tok_kwargs)
-        elif name == data_tok and manifest.get("lm_family"):
-            family = manifest["lm_family"]
+        elif name == data_tok and manifest.lm_family:
+            family = manifest.lm_family
         else:
             family = detect_family(name, **tok_kwargs)
         tokenizer = load_tokenizer(name, **tok_kwargs)
     except LanguageModelError as err:
         raise TrainConfigError(f"{flag} {name}: {err}") from err
-    data_family = manifest.get("lm_family")
+    data_family = manifest.lm_family
     if data_family and family != data_family:
         raise TrainConfigError(
             f"{flag} {name} is a {family} LM but {where} was tokenized for a {data_family} LM "
             f"({data_tok}); captions are framed differently for the two, so preprocess again for {name}")
-    expected = manifest.get("tokenizer_fingerprint")
+    expected = manifest.tokenizer_fingerprint
     if expected is None and data_tok and data_tok != name:
         try:
             expected = tokenizer_fingerprint(load_tokenizer(data_tok, **tok_kwargs))
@@ -105,7 +111,7 @@ def _language_model_and_tokenizer(cfg: TrainConfig, manifest: dict[str, Any], wh
     return name, flag, family, tokenizer
 
 
-def _mapping_config(cfg: TrainConfig, manifest: dict[str, Any], where: str, name: str, dim: int, k: int, lm):
+def _mapping_config(cfg: TrainConfig, manifest: Manifest, where: str, name: str, dim: int, k: int, lm):
     """The mapper's shape: flags, the dataset's embedding width (or patch tokens) and the LM's width."""
     from prefixcap.mapping import MappingConfig, with_token_input
 
@@ -114,7 +120,7 @@ def _mapping_config(cfg: TrainConfig, manifest: dict[str, Any], where: str, name
         prefix_length=k, clip_length=cfg.clip_prefix_length, num_layers=cfg.num_layers,
         num_heads=cfg.num_attention_heads)
     try:  # token mappers: N tokens and their pooling from the manifest (the projector's K is N)
-        mapping = with_token_input(mapping, manifest.get("patch_tokens"), where)
+        mapping = with_token_input(mapping, manifest.patch_tokens, where)
     except ValueError as err:
         raise TrainConfigError(str(err)) from err
     if mapping.mapping_type in ("transformer", "transformer_tokens") and mapping.lm_dim % mapping.num_heads:
@@ -140,10 +146,10 @@ def lora_settings(cfg: TrainConfig, lm):
         raise TrainConfigError(str(err)) from err
 
 
-def card_info(cfg: TrainConfig, manifest: dict[str, Any], num_train_captions: int) -> dict[str, Any]:
+def card_info(cfg: TrainConfig, manifest: Manifest, num_train_captions: int) -> dict[str, Any]:
     """What the model card says about the training data (from the dataset's manifest)."""
-    data = {"data_dir": Path(cfg.data_dir).name, "input_format": manifest.get("input_format"),
-            "num_images": manifest.get("num_images"), "num_captions": manifest.get("num_captions"),
-            "num_train_captions": num_train_captions, "clip_model": manifest.get("clip_model"),
-            "datasets": list(manifest.get("hub_datasets") or [])}
+    data = {"data_dir": Path(cfg.data_dir).name, "input_format": manifest.input_format,
+            "num_images": manifest.num_images, "num_captions": manifest.num_captions,
+            "num_train_captions": num_train_captions, "clip_model": manifest.clip_model,
+            "datasets": list(manifest.hub_datasets)}
     return {"training_data": {k: v for k, v in data.items() if v not in (None, [])}}

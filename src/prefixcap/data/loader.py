@@ -139,7 +139,7 @@ class CaptionDataset(Dataset):
         self._reader = self._make_reader()
 
     def _make_reader(self) -> _RowReader | None:
-        names = [s["name"] for s in self.manifest.get("shards", [])]
+        names = [s.name for s in self.manifest.shards]
         located = [_locate_shard(self.path / SHARD_DIR, n, self.features) for n in names]
         if not names or any(f is None for f in located):
             return None  # empty shards or an unusual layout: use the memory-mapped path

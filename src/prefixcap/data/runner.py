@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,7 +41,8 @@ from prefixcap.data.decode import decode_caption
 from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, raise_pil_limit
 from prefixcap.data.readers import Reader, Record
 from prefixcap.data.shards import (
-    FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, ShardContent, atomic_write_json, completed_shards, write_shard,
+    FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, Manifest, ShardContent, ShardEntry, atomic_write_json,
+    completed_shards, write_shard,
 )
 from prefixcap.language_models import tokenize_caption
 
@@ -328,7 +329,7 @@ class RunSummary:
     num_truncated: int = 0
     seconds: float = 0.0
     shards_written: int = 0
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
 
 
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
@@ -378,13 +379,13 @@ def _rank_marker(folder: Path, rank: int, world: int) -> Path:
     return folder / PROGRESS_DIR / f"rank{rank:03d}-of-{world:03d}.done.json"
 
 
-def try_write_manifest(folder: Path, world_size: int, header: dict[str, Any]) -> dict[str, Any] | None:
+def try_write_manifest(folder: Path, world_size: int, header: Manifest) -> Manifest | None:
     """Write manifest.json when every rank has finished; returns it (or None if some rank is still running)."""
     if not all(_rank_marker(folder, r, world_size).exists() for r in range(world_size)):
         return None
     skipped: Counter = Counter()
     converted: Counter = Counter()
-    shards, num_images, num_captions, num_truncated, unit_norm = [], 0, 0, 0, True
+    shards, num_captions, num_truncated, unit_norm = [], 0, 0, True
     records, layout = 0, None
     for name, stats in completed_shards(folder).items():
         if not parse_shard_name(name):
@@ -396,26 +397,20 @@ def try_write_manifest(folder: Path, world_size: int, header: dict[str, Any]) ->
         num_truncated += stats.get("num_truncated", 0)
         unit_norm &= bool(stats.get("unit_norm", False))
         if stats["num_images"]:
-            shards.append({"name": name, "num_images": stats["num_images"], "num_captions": stats["num_captions"]})
-            num_images += stats["num_images"]
+            shards.append(ShardEntry(name, stats["num_images"], stats["num_captions"]))
             num_captions += stats["num_captions"]
+    num_images = sum(s.num_images for s in shards)
     if num_images == 0:
         raise NoUsableSamplesError(_no_samples_message(folder, records, skipped, layout))
-    manifest = {
-        **header,
-        "normalized": bool(header.get("normalized", False)) or (header.get("input_format") == "embeddings"
-                                                                 and unit_norm and num_images > 0),
-        "num_images": num_images,
-        "num_captions": num_captions,
-        "num_skipped": sum(skipped.values()),
-        "skipped": dict(sorted(skipped.items())),
-        "converted": dict(sorted(converted.items())),
-        "num_truncated": num_truncated,
-        "shards": shards,
-        "format_version": FORMAT_VERSION,
-        "world_size": world_size,
-    }
-    atomic_write_json(folder / MANIFEST, manifest)
+    manifest = replace(
+        header,
+        # clip-retrieval embeddings are usually unit-norm already; the shards' stats say whether all were.
+        normalized=header.normalized or (header.input_format == "embeddings" and unit_norm),
+        num_images=num_images, num_captions=num_captions, num_skipped=sum(skipped.values()),
+        skipped=dict(sorted(skipped.items())), converted=dict(sorted(converted.items())),
+        num_truncated=num_truncated, shards=shards, format_version=FORMAT_VERSION, world_size=world_size,
+    )
+    manifest.write(folder)
     return manifest
 
 
@@ -456,7 +451,7 @@ class Runner:
     """Runs one rank of the preprocess stage into cfg.output_folder."""
 
     def __init__(self, cfg: RunConfig, reader: Reader, tokenizer: Any, family: str, max_token_length: int,
-                 encoder: Any | None, settings: dict[str, Any], manifest_header: dict[str, Any]):
+                 encoder: Any | None, settings: dict[str, Any], manifest_header: Manifest):
         self.cfg = cfg
         self.reader = reader
         self.tokenizer = tokenizer
@@ -510,7 +505,7 @@ class Runner:
         summary = RunSummary()
         existing = self.folder / MANIFEST
         if existing.exists():
-            summary.manifest = json.loads(existing.read_text())
+            summary.manifest = Manifest.read(self.folder)
             return summary
         marker = _rank_marker(self.folder, cfg.rank, cfg.world_size)
         if not marker.exists():
@@ -693,10 +688,10 @@ class Runner:
     def _embed(self, items: list[ItemResult], ok: list[int], slot: int | None, buffers: np.ndarray | None,
                pixels: PixelPipeline | None) -> tuple[np.ndarray, np.ndarray | None]:
         """float16 (embeddings (n, C), patch tokens (n, N, C) or None) of the decoded items `ok`."""
-        dim = int(self.header["embedding_dim"])
+        dim = int(self.header.embedding_dim)
         pool = self.cfg.patch_pool
         if not ok:
-            shape = self.header["patch_tokens"]["num_tokens"] if pool else 0
+            shape = self.header.patch_tokens["num_tokens"] if pool else 0
             return np.zeros((0, dim), np.float16), (np.zeros((0, shape, dim), np.float16) if pool else None)
         if items[ok[0]].embedding is not None:
             return np.stack([items[i].embedding for i in ok]).astype(np.float16), None  # (n, C)
@@ -723,11 +718,11 @@ class Runner:
             print(f"prefixcap preprocess: skipped {key!r}: {reason}{tail}", file=sys.stderr)
 
     def _write(self, part: _PartBuffer, job: _Batch, summary: RunSummary) -> None:
-        dim = int(self.header["embedding_dim"])
+        dim = int(self.header.embedding_dim)
         embeddings = np.stack(part.embeddings) if part.embeddings else np.zeros((0, dim), np.float16)
         content = ShardContent(part.keys, embeddings, part.image_rows, part.captions, part.tokens)
         if self.cfg.patch_pool:
-            n = int(self.header["patch_tokens"]["num_tokens"])
+            n = int(self.header.patch_tokens["num_tokens"])
             content.patch_tokens = (np.stack(part.patch_tokens) if part.patch_tokens
                                     else np.zeros((0, n, dim), np.float16))  # (N_images, N, C)
         stats = {

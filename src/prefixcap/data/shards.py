@@ -20,7 +20,7 @@ import os
 import tempfile
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +31,82 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 SHARD_DIR = "shards"
+
+
+@dataclass
+class ShardEntry:
+    """One complete shard as the manifest lists it."""
+
+    name: str
+    num_images: int
+    num_captions: int
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what made a preprocessed dataset and what it holds; the one type every stage reads.
+
+    The header (encoder, tokenizer, lengths) is known before any shard is written; the counts are
+    filled in from the shards' stats when every rank has finished (`with_counts`).
+    """
+
+    # --- what made it ---
+    clip_model: str = "unknown"  # as the user named it (an alias like ViT-B/32, a Hub id or a folder)
+    embedding_dim: int = 0
+    normalized: bool = False  # embeddings are unit-norm (clip-retrieval input): train warns about it
+    tokenizer: str | None = None  # the LM tokenizer the captions were tokenized with
+    lm_family: str | None = None  # causal | seq2seq
+    tokenizer_fingerprint: dict[str, Any] | None = None  # train refuses a different tokenizer
+    max_token_length: int | None = None
+    prefix_length: int | None = None  # only the default of train's --prefix_length
+    input_format: str | None = None
+    hub_datasets: list[str] = field(default_factory=list)  # Hub dataset ids read (model cards cite them)
+    patch_tokens: dict[str, Any] | None = None  # {"num_tokens", "dim", "pool", "source"} with --store_patch_tokens
+    created_by: str | None = None
+    created_at: str | None = None
+    # --- what it holds ---
+    num_images: int = 0
+    num_captions: int = 0
+    num_skipped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # per skip reason
+    converted: dict[str, int] = field(default_factory=dict)  # per conversion (kept images)
+    num_truncated: int = 0
+    shards: list[ShardEntry] = field(default_factory=list)
+    world_size: int = 1
+    format_version: int = FORMAT_VERSION
+    # Keys this version does not know (written by a newer prefixcap or a tool): kept on rewrite.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(data.pop("extra"))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST) -> Manifest:
+        version = data.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"{where} has format_version {version!r}; this prefixcap reads up to "
+                             f"{FORMAT_VERSION} (upgrade prefixcap)")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in data.items() if k in known}
+        values["shards"] = [ShardEntry(s["name"], int(s["num_images"]), int(s["num_captions"]))
+                            for s in values.get("shards", [])]
+        return cls(**values, extra={k: v for k, v in data.items() if k not in known})
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); the dataset folder is damaged") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object; the dataset folder is damaged")
+        return cls.from_dict(data, str(path))
+
+    def write(self, folder: str | Path) -> None:
+        atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
 
 
 def _current_umask() -> int:
@@ -190,19 +266,19 @@ class PreprocessedDataset(Sequence):
                     f"{self.path} is not a complete preprocessed dataset: {MANIFEST} is missing "
                     "(was preprocessing interrupted? rerun the same command to finish it)"
                 )
-            self.manifest: dict[str, Any] = {}
+            self.manifest = Manifest()
             names = list(completed_shards(self.path))
         else:
-            self.manifest = json.loads(manifest_path.read_text())
-            names = [s["name"] for s in self.manifest["shards"]]
+            self.manifest = Manifest.read(self.path)
+            names = [s.name for s in self.manifest.shards]
         self._shards = [_Shard(self.path / SHARD_DIR, n) for n in names]
         self._caption_starts = np.cumsum([0] + [s.num_captions for s in self._shards])
         self._image_starts = np.cumsum([0] + [s.num_images for s in self._shards])
         if self._shards:
             self.embedding_dim = int(self._shards[0].embeddings.shape[1])
         else:
-            self.embedding_dim = int(self.manifest.get("embedding_dim", 0))
-        record = self.manifest.get("patch_tokens")  # {"num_tokens", "dim", "pool", "source"} or absent
+            self.embedding_dim = int(self.manifest.embedding_dim)
+        record = self.manifest.patch_tokens
         self.patch_token_shape = (int(record["num_tokens"]), int(record["dim"])) if record else None
 
     # --- captions (the training samples) ---
