@@ -144,7 +144,7 @@ class RecordingCaptioner:
 
 
 def test_greedy_requests_with_different_temperatures_share_one_batch():
-    from prefixcap.batching import BatchConfig, DynamicBatcher
+    from prefixcap.serve.batching import BatchConfig, DynamicBatcher
 
     captioner = RecordingCaptioner()
 
@@ -270,7 +270,8 @@ def serve_client():
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from prefixcap.serve import ServeConfig, create_app
+    from prefixcap.serve.config import ServeConfig
+    from prefixcap.serve.app import create_app
 
     captioner = RecordingCaptioner()
     with TestClient(create_app(captioner, ServeConfig(warmup=False)), base_url="http://localhost") as client:
@@ -346,7 +347,7 @@ def test_serve_caps_are_policy_on_top_naming_the_flag(serve_client):
 
 
 def test_serve_schema_fields_are_the_dataclass_fields_and_answers_normalized(serve_client):
-    from prefixcap.serve import CaptionOptions
+    from prefixcap.serve.app import CaptionOptions
 
     assert tuple(CaptionOptions.model_fields) == FIELD_NAMES
     assert all(not f.is_required() for f in CaptionOptions.model_fields.values())
@@ -364,7 +365,8 @@ def test_serve_schema_fields_are_the_dataclass_fields_and_answers_normalized(ser
 
 def test_serve_config_refuses_caps_outside_the_general_bounds():
     pytest.importorskip("fastapi")
-    from prefixcap.serve import ServeConfig, main
+    from prefixcap.serve.config import ServeConfig
+    from prefixcap.serve.cli import main
 
     with pytest.raises(ValueError, match=r"--max_num_beams 100 must be an integer in \[1, 64\]"):
         ServeConfig(max_num_beams=100)

@@ -252,7 +252,8 @@ def probe(stage: str, work: str, clip: str, lm: str) -> None:
         from fastapi.testclient import TestClient
 
         from prefixcap.caption import Captioner
-        from prefixcap.serve import ServeConfig, create_app
+        from prefixcap.serve.config import ServeConfig
+        from prefixcap.serve.app import create_app
 
         cap = Captioner.from_pretrained(lm, device="cpu")
         with TestClient(create_app(cap, ServeConfig(warmup=False)), base_url="http://127.0.0.1") as client:

@@ -22,9 +22,12 @@ pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from prefixcap.batching import BatchConfig, DynamicBatcher, QueueFull  # noqa: E402
+from prefixcap.serve.batching import BatchConfig, DynamicBatcher, QueueFull  # noqa: E402
 from prefixcap.generation import GenerationSettings  # noqa: E402
-from prefixcap.serve import ServeConfig, background_server, create_app, main  # noqa: E402
+from prefixcap.serve.config import ServeConfig  # noqa: E402
+from prefixcap.serve.http import background_server  # noqa: E402
+from prefixcap.serve.app import create_app  # noqa: E402
+from prefixcap.serve.cli import main  # noqa: E402
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -510,7 +513,8 @@ def test_load_many_concurrent_clients_are_batched(tiny_captioner, tiny_artifact)
 def test_prefixcap_serve_command_loads_the_model_and_serves_it(tiny_artifact, monkeypatch):
     """`prefixcap serve ...` end to end in this process; only the uvicorn run is replaced, by a
     loopback server we can stop (a subprocess would spend most of its time importing torch)."""
-    from prefixcap import cli, serve_http
+    from prefixcap import cli
+    from prefixcap.serve import http as serve_http
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # main() sets it; restore after
     seen = {}

@@ -23,8 +23,10 @@ if CHROMIUM is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
                                                              "(pip install playwright; no browser download needed)")
 
-from prefixcap.batching import BatchConfig  # noqa: E402
-from prefixcap.serve import ServeConfig, background_server, create_app  # noqa: E402
+from prefixcap.serve.batching import BatchConfig  # noqa: E402
+from prefixcap.serve.config import ServeConfig  # noqa: E402
+from prefixcap.serve.http import background_server  # noqa: E402
+from prefixcap.serve.app import create_app  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -22,9 +22,10 @@ pytest.importorskip("uvicorn")
 import h11  # noqa: E402
 import httpx  # noqa: E402
 
-from prefixcap import serve  # noqa: E402
-from prefixcap.serve import background_server, create_app, parse_json_body  # noqa: E402
-from prefixcap.serve_guards import ApiError  # noqa: E402
+from prefixcap.serve import app as serve  # noqa: E402
+from prefixcap.serve.app import create_app, parse_json_body  # noqa: E402
+from prefixcap.serve.http import background_server  # noqa: E402
+from prefixcap.serve.guards import ApiError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serve import FakeCaptioner, config, png  # noqa: E402
@@ -394,7 +395,7 @@ def test_serve_without_the_extra_says_what_to_install_in_one_line():
 
 
 def test_port_in_use_is_reported_before_the_model_loads(tmp_path, capsys):
-    from prefixcap.serve_cli import main
+    from prefixcap.serve.cli import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -411,8 +412,8 @@ SERVER_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from test_serve import FakeCaptioner, config
-    from prefixcap.serve import create_app
-    from prefixcap.serve_http import bind_socket, run_server
+    from prefixcap.serve.app import create_app
+    from prefixcap.serve.http import bind_socket, run_server
     cfg = config(graceful_shutdown_s={grace}, body_timeout_s=600, header_timeout_s=600, log_level="warning")
     sock = bind_socket("127.0.0.1", 0)
     print(sock.getsockname()[1], flush=True)

@@ -13,7 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("prefixcap.train_cli", "train the mapping network (and optionally the LM)"),
     "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
     "evaluate": ("prefixcap.evaluate_cli", "COCO caption metrics and CLIPScore"),
-    "serve": ("prefixcap.serve_cli", "HTTP captioning service with a web page"),
+    "serve": ("prefixcap.serve.cli", "HTTP captioning service with a web page"),
     "push": ("prefixcap.push_cli", "upload a trained model with its model card to the Hugging Face Hub"),
     "demo": ("prefixcap.demo.cli", "offline end-to-end demo on a synthetic dataset"),
 }

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefixcap.batching import BatchConfig
+from prefixcap.serve.batching import BatchConfig
 from prefixcap.generation import expectation, field_problem
 
 # Formats PIL may open for an upload. Deliberately short: PIL can also open EPS (which runs

@@ -14,8 +14,8 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 
-from prefixcap.batching import BatchConfig
-from prefixcap.serve_config import ServeConfig
+from prefixcap.serve.batching import BatchConfig
+from prefixcap.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from prefixcap import serve_http
+    from prefixcap.serve import http as serve_http
 
     try:  # before the model loads (which can take minutes): a port in use is known at once
         sock = serve_http.bind_socket(config.host, config.port)
@@ -152,9 +152,9 @@ def _load_and_serve(config: ServeConfig, sock) -> int:
     from PIL import Image
 
     from prefixcap.caption import Captioner as PrefixCaptioner
-    from prefixcap.serve import create_app
-    from prefixcap.serve_http import run_server
-    from prefixcap.serve_memory import tune_malloc
+    from prefixcap.serve.app import create_app
+    from prefixcap.serve.http import run_server
+    from prefixcap.serve.memory import tune_malloc
 
     try:
         captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device)

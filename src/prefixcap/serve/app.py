@@ -5,7 +5,7 @@ that fails never fails the other images of its request, and a 500 (a bug, never 
 with `Connection: close`. Memory is bounded by construction: request bodies by --max_upload_mb and
 together by --max_inflight_mb (serve_guards), decoded images by --max_image_pixels times the few
 decoding threads, and queued work by --max_queue preprocessed images (a few hundred KB each).
-Running it: serve_http (uvicorn, connection limits and deadlines) and serve_cli (`prefixcap serve`).
+Running it: serve.http (uvicorn, connection limits and deadlines) and serve.cli (`prefixcap serve`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import re
-import sys
 import time
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -35,11 +34,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from prefixcap import __version__
-from prefixcap.batching import BatcherClosed, Captioner, DynamicBatcher, QueueFull, RequestTimeout
+from prefixcap.serve.batching import BatcherClosed, Captioner, DynamicBatcher, QueueFull, RequestTimeout
 from prefixcap.data.images import decode_image
-from prefixcap.serve_config import SAFE_IMAGE_FORMATS, ServeConfig, public_name, redact_paths
-from prefixcap.serve_guards import ApiError, BodyBudget, BodyGuard, HostGuard
-from prefixcap.serve_memory import MemoryTrimmer
+from prefixcap.serve.config import SAFE_IMAGE_FORMATS, ServeConfig, public_name, redact_paths
+from prefixcap.serve.guards import ApiError, BodyBudget, BodyGuard, HostGuard
+from prefixcap.serve.memory import MemoryTrimmer
 from prefixcap.generation import (FIELD_NAMES, RANGES, GenerationSettings, GenerationSettingsError, expectation,
                                   field_problem, parse_field)
 
@@ -357,12 +356,12 @@ async def read_caption_request(request: Request, config: ServeConfig) -> tuple[l
 
 # --- the service -------------------------------------------------------------------------------
 def _page() -> str:
-    return resources.files("prefixcap").joinpath("static/index.html").read_text(encoding="utf-8")
+    return resources.files("prefixcap.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 def describe_model(captioner: Any, config: ServeConfig) -> dict[str, Any]:
     """What is loaded, for GET /v1/model: artifact config, encoder, LM and the server's settings.
-    Local paths appear by their folder's name only (see serve_config.public_name)."""
+    Local paths appear by their folder's name only (see serve.config.public_name)."""
     cfg = getattr(captioner, "config", None)
     artifact = redact_paths(cfg.to_dict() if hasattr(cfg, "to_dict") else {})
     mapping = artifact.get("mapping", {})
@@ -616,7 +615,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
     If the captioner also has `preprocess(image) -> pixels` (prefixcap's Captioner does), images
     are preprocessed in the request's thread, so the model thread only runs the networks and a
     queued image holds a small pixel array instead of a full-size picture. In front of the routes,
-    serve_guards check the Host header and bound request bodies (size, bytes in flight, deadline).
+    serve.guards check the Host header and bound request bodies (size, bytes in flight, deadline).
     """
     config = config or ServeConfig()
     svc = Service(captioner=captioner, config=config, batcher=DynamicBatcher(captioner, config.batch),
@@ -636,14 +635,3 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
     _install_routes(app)
     _install_openapi(app)
     return app
-
-
-# --- running it (serve_http, serve_cli; re-exported: `from prefixcap.serve import main` keeps working) --
-from prefixcap.serve_cli import build_parser, config_from_args, main  # noqa: E402
-from prefixcap.serve_http import background_server  # noqa: E402
-
-__all__ = ["ApiError", "ImageError", "SAFE_IMAGE_FORMATS", "ServeConfig", "Service", "background_server",
-           "build_parser", "config_from_args", "create_app", "describe_model", "main", "parse_json_body"]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ uvicorn's own settings cover most of it: `limit_concurrency` (--max_connections)
 `h11_max_incomplete_event_size` (the size of a request's headers). What uvicorn lacks is a
 deadline for *receiving* a request: its keep-alive timer is reset by every byte, so a client
 sending one header byte per second holds a connection forever. `DeadlineH11Protocol` adds that
-deadline; the body's own deadline is an ASGI guard (serve_guards.BodyGuard, 408).
+deadline; the body's own deadline is an ASGI guard (serve.guards.BodyGuard, 408).
 
 It also closes connections *lingering*: an answer sent before the request body has arrived (413,
 503, 408, a refused Host) is followed by a FIN, and the rest of the body is read and dropped for
@@ -28,7 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 if TYPE_CHECKING:
-    from prefixcap.serve_config import ServeConfig
+    from prefixcap.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def background_server(app: Any, host: str = "127.0.0.1", port: int = 0, log_leve
 
     Uses the app's ServeConfig (connection limits, deadlines) unless `uvicorn_kwargs` override them.
     """
-    from prefixcap.serve_config import ServeConfig
+    from prefixcap.serve.config import ServeConfig
 
     config = getattr(getattr(app, "state", None), "config", None) or ServeConfig()
     # Longer than the 5 s default: a client reusing a keep-alive connection at the very moment the
