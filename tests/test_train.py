@@ -307,3 +307,16 @@ def test_two_process_cpu_run(gpt2_data, tmp_path):
     assert summary["val_losses"] and np.isfinite(summary["val_losses"][-1]["loss"])
     model = CaptionModel.from_pretrained(out / "demo_model_final.ckpt")
     assert model.config.only_prefix
+
+
+def test_unit_norm_embeddings_without_normalize_prefix_get_a_notice(tiny_gpt2, tmp_path, capsys):
+    """clip-retrieval embeddings are unit-norm; a model trained on them unnormalised would later see
+    raw CLIP embeddings from images: the manifest's `normalized` says so and train warns."""
+    data = make_dataset(tmp_path / "data", tiny_gpt2, num_images=4, num_shards=1, prefix_length=K,
+                        manifest_overrides={"normalized": True})
+    argv = ["--data_dir", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1", "--batch_size", "4",
+            "--num_workers", "0", "--val_fraction", "0", "--warmup_steps", "0", "--only_prefix"]
+    assert main(argv) == 0
+    assert "L2-normalised but --normalize_prefix is off" in capsys.readouterr().err
+    assert main(argv + ["--normalize_prefix", "--output_dir", str(tmp_path / "out2")]) == 0
+    assert "L2-normalised" not in capsys.readouterr().err
