@@ -1,6 +1,6 @@
 """Patch-token prefixes vs the pooled CLIP vector on the scenes benchmark (prefixcap.demo.scenes).
 
-One command from a clean checkout (`python -m bench.bench_patch_tokens`, ~20 min on 2 cores):
+One command from a clean checkout (`python -m bench.bench_patch_tokens`; 29 min measured on 2 shared cores):
   1. the scenes dataset (2-3 shapes, relations; held-out colour+shape pairs in half the test scenes)
   2. the tiny CLIP stand-in, contrastively trained on the training pairs (demo.clip_pretrain, 48 px)
   3. a tiny GPT-2 stand-in, its tokenizer trained on the captions and its weights pretrained as a
