@@ -16,7 +16,7 @@ from PIL import Image
 
 from prefixcap.caption import Captioner
 from prefixcap.caption_cli import main
-from prefixcap.data.shards import ShardContent, atomic_write_json, write_shard
+from prefixcap.data.shards import Manifest, ShardContent, ShardEntry, write_shard
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 
@@ -108,7 +108,7 @@ def test_preprocessed_folder_and_clip_retrieval_embeddings(tmp_path, model_dir, 
     keys = [f"img{i}" for i in range(5)]
     pre = tmp_path / "pre"
     write_shard(pre, "u000000-p0000", ShardContent(keys, emb, [0, 1, 2, 3, 4], ["c"] * 5, [[1, 2]] * 5), {})
-    atomic_write_json(pre / "manifest.json", {"shards": [{"name": "u000000-p0000"}]})
+    Manifest(embedding_dim=C, shards=[ShardEntry("u000000-p0000", 5, 5)]).write(pre)
 
     emb_dir = tmp_path / "emb"
     (emb_dir / "img_emb").mkdir(parents=True)

@@ -31,7 +31,8 @@ def test_simple_tokenizer_lowercases_and_drops_punctuation():
 @pytest.mark.parametrize("tokenizer", ["simple", pytest.param("ptb", marks=pytest.mark.skipif(
     not M.java_available(), reason="the PTB tokenizer needs java"))])
 def test_mixed_case_unsorted_keys_pinned_values(tokenizer):
-    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["bleu", "rouge", "cider"], tokenizer=tokenizer)
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["bleu", "rouge", "cider"],
+                      tokenizer="auto" if tokenizer == "ptb" else tokenizer)  # auto is ptb when Java is there
     assert s.tokenizer == tokenizer
     assert list(s.per_image) == ["b", "a", "c"]  # the caller's key order
     per = s.per_image
@@ -115,8 +116,9 @@ def test_spice_results_timeout_and_failures_are_routed(monkeypatch):
         raise M.MetricError("jar exited 1")
 
     monkeypatch.setattr(M, "_run_spice", broken)
-    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice", "bleu"], tokenizer="simple")
     assert s.skipped == {"spice": "jar exited 1"} and s.notices == ["SPICE skipped: jar exited 1"]
+    assert s.corpus["Bleu_1"] == pytest.approx(0.8 * math.exp(-0.2), abs=1e-6)  # later metrics still run
     monkeypatch.setattr(M, "spice_status", lambda: (False, "SPICE skipped: no CoreNLP"))
     s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
     assert s.skipped == {"spice": "SPICE skipped: no CoreNLP"} and s.notices == ["SPICE skipped: no CoreNLP"]

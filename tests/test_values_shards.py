@@ -98,3 +98,39 @@ def test_atomic_write_renames_a_hidden_tmp_from_the_same_folder(tmp_path, monkey
     # Same folder (a rename never crosses file systems), and a name completed_shards never counts.
     assert os.path.dirname(src) == str(target.parent)
     assert src_name.startswith(".stats.json.") and src_name.endswith(".tmp")
+
+
+def test_patch_tokens_are_stored_flat_in_float16_with_their_shape(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    tokens = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) / 8  # (N_images, N, C)
+    content = ShardContent(keys=["a", "b"], embeddings=np.ones((2, 4), np.float32), image_rows=[0, 1],
+                           captions=["x", "y"], tokens=[[1, 0], [2, 0]], patch_tokens=tokens)
+    stats = json.loads(write_shard(tmp_path, "00000", content, {}).read_text())
+    assert stats["patch_tokens_shape"] == [3, 4]
+    images = pa.ipc.open_file(pa.memory_map(str(tmp_path / SHARD_DIR / "00000.images.arrow"))).read_all()
+    assert images.schema.field("patch_tokens").type == pa.list_(pa.float16(), 12)
+    stored = np.array(images.column("patch_tokens").to_pylist(), np.float32).reshape(2, 3, 4)
+    np.testing.assert_array_equal(stored, tokens.astype(np.float16).astype(np.float32))
+    wrong = ShardContent(keys=["a", "b"], embeddings=np.ones((2, 4)), image_rows=[], captions=[], tokens=[],
+                         patch_tokens=np.zeros((3, 3, 4)))
+    with pytest.raises(AssertionError, match="^one token set per image key$"):
+        write_shard(tmp_path, "00001", wrong, {})
+
+
+def test_json_files_are_sorted_and_indented_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import pytest
+
+    from prefixcap.data import shards as shards_module
+
+    atomic_write_json(tmp_path / "m.json", {"b": 1, "a": [1]})
+    assert (tmp_path / "m.json").read_text() == '{\n  "a": [\n    1\n  ],\n  "b": 1\n}\n'
+
+    def no_rename(src, dst):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(shards_module.os, "replace", no_rename)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_json(tmp_path / "n.json", {"x": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # the temporary file is removed
