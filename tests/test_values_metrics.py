@@ -77,7 +77,8 @@ def test_refusals_name_what_was_wrong():
 
 
 def test_empty_input_gives_empty_scores():
-    assert M.coco_scores({}, {}, metrics=["bleu", "cider"], tokenizer="simple") == M.CocoScores({}, {}, "simple", [], {})
+    empty = M.coco_scores({}, {}, metrics=["bleu", "cider"], tokenizer="simple")
+    assert empty == M.CocoScores({}, {}, "simple", [], {})
     assert M.diversity_stats([]) == {"mean_length_words": 0.0, "vocabulary_size": 0, "distinct_captions": 0,
                                      "distinct_caption_share": 0.0}
 
@@ -106,8 +107,9 @@ def test_spice_results_timeout_and_failures_are_routed(monkeypatch):
         return 0.25, {k: 0.1 * (i + 1) for i, k in enumerate(tok_preds)}
 
     monkeypatch.setattr(M, "_run_spice", fake_spice)
-    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple")
-    assert seen["timeout"] == 3600 and s.corpus == {"SPICE": 0.25}
+    s = M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice", "rouge"], tokenizer="simple")
+    assert seen["timeout"] == 3600 and s.corpus["SPICE"] == 0.25
+    assert set(s.corpus) == {"SPICE", "ROUGE_L"}  # the metric after SPICE still runs
     assert {k: v["SPICE"] for k, v in s.per_image.items()} == {"b": 0.1, "a": 0.2, "c": pytest.approx(0.3)}
     M.coco_scores(PREDICTIONS, REFERENCES, metrics=["spice"], tokenizer="simple", spice_timeout_s=7)
     assert seen["timeout"] == 7
