@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
+# fastapi and uvicorn are in the dev extra: a missing one is a broken install, not a reason to skip.
 from fastapi.testclient import TestClient  # noqa: E402
 
 from prefixcap.serve.batching import BatchConfig, DynamicBatcher, QueueFull  # noqa: E402

@@ -12,16 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
                  if p and os.path.exists(p)), None)
 if CHROMIUM is None:
     pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make sysdeps` does it)",
                 allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed "
-                                                             "(pip install playwright; no browser download needed)")
+from playwright import sync_api  # noqa: E402 - in the test extra; only the browser binary is a system package
 
 from prefixcap.serve.batching import BatchConfig  # noqa: E402
 from prefixcap.serve.config import ServeConfig  # noqa: E402

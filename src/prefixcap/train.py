@@ -620,15 +620,17 @@ class _Trainer:
                 emb[key] = sample.patch_tokens if _features(self.cfg) == "patch_tokens" else sample.embedding
             model = self._unwrapped()
             was_training = model.training
-            captioner = Captioner(model)
-            keys = list(refs)
-            items = (Item(k, embedding=emb[k]) for k in keys)
-            results = list(caption_items(captioner, items, PipelineOptions(num_workers=1)))  # embeddings: no decoding
+            try:  # Captioner puts the model in eval mode; training must get its dropout back even on failure
+                captioner = Captioner(model)
+                keys = list(refs)
+                items = (Item(k, embedding=emb[k]) for k in keys)
+                results = list(caption_items(captioner, items, PipelineOptions(num_workers=1)))  # no decoding
+            finally:
+                model.train(was_training)
             failed = next((r for r in results if r.error is not None), None)
             if failed is not None:
                 raise RuntimeError(f"validation image {failed.key}: {failed.error}")
             texts = [r.caption for r in results]
-            model.train(was_training)
             result = evaluate_predictions(dict(zip(keys, texts)), refs, metrics=["cider"], progress=False)
             return float(result["metrics"]["CIDEr"])
         except Exception as err:  # noqa: BLE001 - an optional metric never stops training
