@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from prefixcap.data.runner import (
-    SettingsMismatchError, _rank_marker, _unit_progress, check_settings, parse_shard_name, shard_name,
+    _rank_marker, _unit_progress, check_settings, parse_shard_name, shard_name,
     try_write_manifest,
 )
 from prefixcap.data.shards import (
-    SHARD_DIR, Manifest, ShardContent, atomic_write_json, completed_shards, load_preprocessed, write_shard,
+    SHARD_DIR, Manifest, SettingsMismatchError, ShardContent, atomic_write_json, completed_shards, load_preprocessed,
+    write_shard,
 )
 
 

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Exit status: 0 done, 2 a refused input/flag/folder, 1 nothing usable or a busy folder, 130 Ctrl-C."""
     cfg = parse_config(argv, prog)
     from prefixcap.cli_logging import library_messages_on_stderr
-    from prefixcap.data.runner import NoUsableSamplesError, SettingsMismatchError
+    from prefixcap.data.runner import NoUsableSamplesError
+    from prefixcap.data.shards import SettingsMismatchError
     from prefixcap.encoders import UnknownEncoderError
     from prefixcap.errors import PrefixcapError, exit_code_for
     from prefixcap.language_models import LanguageModelError

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefixcap.caption_inputs import CaptionInputError, CaptionInputs, InputUnit, input_units
 from prefixcap.caption_writers import EXTENSIONS, ShardWriter, WriterOptions, make_writer, reason_of
-from prefixcap.data.shards import atomic_write_json
+from prefixcap.data.shards import SettingsMismatchError, atomic_write_json, settings_differences
 from prefixcap.errors import UsageError
 from prefixcap.pipeline import Item, PipelineOptions, Result, caption_batches
 
@@ -40,10 +40,6 @@ STATS_SUFFIX = "_stats.json"
 FORMAT_VERSION = 1
 MAX_ERROR_KEYS = 10_000  # failed keys listed per shard; the counts are always complete
 HASHED_FILE_BYTES = 16 << 20  # model files up to this size are hashed whole; larger ones by name and size
-
-
-class SettingsMismatchError(UsageError):
-    """The output folder was started with another model or other settings; the message names the key."""
 
 
 @dataclass
@@ -124,29 +120,18 @@ def model_fingerprint(model: str) -> str | None:
     return digest.hexdigest()
 
 
-def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"generation": {"num_beams": 1}} -> {"num_beams": 1}: a mismatch names the flag's own name."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key != "generate_kwargs":
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[key if key not in flat else f"{prefix}{key}"] = value
-    return flat
-
-
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Refuse a run into a folder started with other settings, naming each differing key (a new folder passes)."""
     path = folder / SETTINGS_FILE
     if not path.exists():
         return
-    old, new = flatten(json.loads(path.read_text())), flatten(settings)
-    ignored = {"model"} if old.get("model_sha256") and old.get("model_sha256") == new.get("model_sha256") else set()
-    diff = sorted(k for k in (set(old) | set(new)) - ignored if old.get(k) != new.get(k))
-    if diff:
-        lines = "; ".join(f"{k}: folder has {old.get(k)!r}, this run asks for {new.get(k)!r}" for k in diff)
+    old = json.loads(path.read_text())
+    # The same model files under another path (a moved or re-downloaded folder) are the same model.
+    same_model = old.get("model_sha256") and old.get("model_sha256") == settings.get("model_sha256")
+    differences = settings_differences(old, settings, ignore={"model"} if same_model else set())
+    if differences:
         raise SettingsMismatchError(
-            f"--output_dir {folder} was captioned with other settings ({lines}); rerun with the original "
+            f"--output_dir {folder} was captioned with other settings ({differences}); rerun with the original "
             "settings to resume, add --overwrite to start afresh, or use another --output_dir")
 
 

@@ -41,18 +41,14 @@ from prefixcap.data.decode import decode_caption
 from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS, decode_image, raise_pil_limit
 from prefixcap.data.readers import Reader, Record
 from prefixcap.data.shards import (
-    FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, Manifest, ShardContent, ShardEntry, atomic_write_json,
-    completed_shards, write_shard,
+    FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, Manifest, SettingsMismatchError, ShardContent, ShardEntry,
+    atomic_write_json, completed_shards, settings_differences, write_shard,
 )
 from prefixcap.language_models import tokenize_caption
 
 PROGRESS_DIR = "progress"
 MAX_SKIPPED_KEYS_PER_SHARD = 10000
 MAX_CHARS_PER_TOKEN = 64  # captions are cut to max_token_length * this many characters before tokenizing
-
-
-class SettingsMismatchError(ValueError):
-    """Raised when an output folder was started with other encoder/tokenizer/input settings."""
 
 
 class NoUsableSamplesError(RuntimeError):
@@ -335,28 +331,14 @@ class RunSummary:
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Write settings.json on the first run; refuse a rerun into the same folder with other settings."""
     path = folder / SETTINGS
-    if path.exists():
-        old, new = _flatten(json.loads(path.read_text())), _flatten(settings)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            lines = "; ".join(f"{k}: folder has {old.get(k)!r}, this run asks for {new.get(k)!r}" for k in diff)
-            raise SettingsMismatchError(
-                f"{folder} was preprocessed with other settings ({lines}); rerun with the original settings to "
-                "resume, add --overwrite to start the folder afresh, or use another --output_folder"
-            )
-    else:
+    if not path.exists():
         atomic_write_json(path, settings)
-
-
-def _flatten(settings: dict[str, Any]) -> dict[str, Any]:
-    # {"reader": {"wds_caption_key": ...}} -> {"wds_caption_key": ...}: a mismatch names the one flag.
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update({k: v for k, v in _flatten(value).items() if k not in settings})
-        else:
-            flat[key] = value
-    return flat
+        return
+    differences = settings_differences(json.loads(path.read_text()), settings)
+    if differences:
+        raise SettingsMismatchError(
+            f"{folder} was preprocessed with other settings ({differences}); rerun with the original settings to "
+            "resume, add --overwrite to start the folder afresh, or use another --output_folder")
 
 
 def _unit_progress(done: dict[str, dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

@@ -27,6 +27,8 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from prefixcap.errors import UsageError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
@@ -107,6 +109,29 @@ class Manifest:
 
     def write(self, folder: str | Path) -> None:
         atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
+
+
+class SettingsMismatchError(UsageError):
+    """An output folder was started with other settings; the message names each differing key."""
+
+
+def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"reader": {"wds_caption_key": ...}} -> {"wds_caption_key": ...}: a mismatch names the flag itself
+    (a nested key that collides with an outer one keeps its path)."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and key != "generate_kwargs":  # passed to generate verbatim: one value
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[key if key not in flat else f"{prefix}{key}"] = value
+    return flat
+
+
+def settings_differences(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = frozenset()) -> str | None:
+    """"key: folder has A, this run asks for B; ..." for every differing (flattened) key, or None."""
+    old, new = flatten_settings(old), flatten_settings(new)
+    diff = sorted(k for k in (set(old) | set(new)) - set(ignore) if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: folder has {old.get(k)!r}, this run asks for {new.get(k)!r}" for k in diff) or None
 
 
 def _current_umask() -> int:
