@@ -90,3 +90,24 @@ def simple_webdataset(folder: Path, num_tars: int = 3, per_tar: int = 4, size: t
                    for i in range(per_tar)]
         tars.append(write_tar(folder / f"{t:03d}.tar", samples))
     return tars
+
+
+def _child_main(main, args: list[str], env: dict[str, str]) -> None:
+    import os
+    import sys
+
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+    sys.exit(main(args))
+
+
+def fork_main(main, args: list[str], **env: str):
+    """Run a command's `main(args)` in a forked child: a real process that can be killed (`kill -9`), without
+    re-importing torch. `env` is added to the child's environment (e.g. WORLD_SIZE/RANK)."""
+    import multiprocessing as mp
+
+    child = mp.get_context("fork").Process(target=_child_main, args=(main, args, env))
+    child.start()
+    return child

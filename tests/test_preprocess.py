@@ -19,7 +19,7 @@ import torch
 from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
 from prefixcap.preprocess_cli import main
-from prep_helpers import awkward_images, image_bytes, simple_webdataset, write_tar
+from prep_helpers import awkward_images, fork_main, image_bytes, simple_webdataset, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 48)
@@ -253,21 +253,6 @@ def test_wrong_arguments_fail_at_once(tmp_path, tiny_clip, tiny_gpt2, capsys):
 
 # ------------------------------------------------------------------ resume and scale-out
 
-def _child_main(args: list[str], env: dict[str, str]) -> None:
-    os.environ.update(env)
-    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
-    sys.exit(main(args))
-
-
-def fork_main(args: list[str], **env: str):
-    """Run `prefixcap preprocess` in a forked child process (a real process, without re-importing torch)."""
-    import multiprocessing as mp
-
-    child = mp.get_context("fork").Process(target=_child_main, args=(args, env))
-    child.start()
-    return child
-
-
 RESUME_EXTRA = ["--batch_size", "2", "--samples_per_shard", "2", "--num_prepro_workers", "1"]
 
 
@@ -284,7 +269,7 @@ def resume_data(tmp_path_factory, tiny_clip, tiny_gpt2):
 def test_resume_after_kill_9_matches_uninterrupted_run(resume_data, tiny_clip, tiny_gpt2):
     work, pattern = resume_data
     out = work / "killed"
-    child = fork_main(run_args(pattern, out, tiny_clip, tiny_gpt2, *RESUME_EXTRA))
+    child = fork_main(main, run_args(pattern, out, tiny_clip, tiny_gpt2, *RESUME_EXTRA))
     deadline = time.time() + 240
     while time.time() < deadline and child.is_alive():
         if len(list((out / SHARD_DIR).glob("*.json"))) >= 2:
@@ -309,7 +294,7 @@ def test_two_ranks_write_one_dataset(resume_data, tiny_clip, tiny_gpt2):
     work, pattern = resume_data
     out = work / "two_ranks"
     args = run_args(pattern, out, tiny_clip, tiny_gpt2, *RESUME_EXTRA)
-    procs = [fork_main(args, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
+    procs = [fork_main(main, args, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]

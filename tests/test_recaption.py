@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from prefixcap.caption_cli import main
 from prefixcap.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 from prefixcap.pipeline import Item, PipelineOptions, caption_items
-from prep_helpers import image_bytes, write_tar
+from prep_helpers import fork_main, image_bytes, write_tar
 
 C = 16
 SIZE = (48, 40)
@@ -181,21 +179,6 @@ def test_embeddings_input_into_parquet_never_decodes(tmp_path, model_dir, cap, m
 
 
 # ------------------------------------------------------------------ resume and ranks
-def _child_main(args: list[str], env: dict[str, str]) -> None:
-    os.environ.update(env)
-    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
-    sys.exit(main(args))
-
-
-def fork_main(args: list[str], **env: str):
-    """Run `prefixcap caption` in a forked child: a real process that can be killed, without re-importing torch."""
-    import multiprocessing as mp
-
-    child = mp.get_context("fork").Process(target=_child_main, args=(args, env))
-    child.start()
-    return child
-
-
 SLOW = ["--output_format", "jsonl", "--batch_size", "1", "--num_workers", "1"]
 NUM_TARS = 16
 
@@ -217,7 +200,7 @@ def many_tars(tmp_path_factory, model_dir):
 def test_resume_after_kill_9_equals_an_uninterrupted_run(many_tars, model_dir):
     work, _ = many_tars
     out = work / "killed"
-    child = fork_main(caption_args(model_dir, [work / "wds"], out, *SLOW))
+    child = fork_main(main, caption_args(model_dir, [work / "wds"], out, *SLOW))
     deadline = time.time() + 240
     while time.time() < deadline and child.is_alive():
         if len(list(out.glob("*_stats.json"))) >= 2:
@@ -267,7 +250,7 @@ def test_two_ranks_split_the_shards(many_tars, model_dir):
     work, _ = many_tars
     out = work / "two_ranks"
     args = caption_args(model_dir, [work / "wds"], out, *SLOW)
-    procs = [fork_main(args, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
+    procs = [fork_main(main, args, WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
