@@ -125,6 +125,20 @@ def test_missing_adapter_is_a_clear_error(tiny_gpt2, tmp_path):
         CaptionModel.from_pretrained(path)
 
 
+def test_fine_tuned_model_without_its_lm_folder_is_a_clear_error(tiny_gpt2, tmp_path):
+    """Never the base LM by name in place of the fine-tuned weights (captions and resume would be wrong)."""
+    import shutil
+
+    model = CaptionModel(CaptionConfig(clip_model="tiny", language_model=tiny_gpt2,
+                                       mapping=MappingConfig("mlp", prefix_size=16, prefix_length=K)))
+    path = model.save_pretrained(tmp_path / "tuned")
+    CaptionModel.from_pretrained(path)  # complete: loads
+    shutil.rmtree(path / "lm")
+    with pytest.raises(FileNotFoundError, match=r"holds a model whose LM was fine-tuned, but its lm/ folder is "
+                                                r"missing; copy the whole artifact folder$"):
+        CaptionModel.from_pretrained(path)
+
+
 # --- through the trainer -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tiny_gpt2) -> str:

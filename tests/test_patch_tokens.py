@@ -235,6 +235,21 @@ def test_token_training_resumes_exactly(token_data, tmp_path, mapping_type, monk
     assert config["mapping"]["num_tokens"] == N_POOLED and config["mapping"]["patch_pool"] == POOL
 
 
+@pytest.mark.parametrize("mapping_type", ["transformer_tokens", "projector"])
+def test_validation_cider_of_a_token_model_captions_from_the_stored_tokens(token_data, tmp_path, mapping_type,
+                                                                          capsys):
+    """Validation CIDEr during training hands a token mapper the stored patch tokens (not the pooled vector,
+    which its Captioner refuses: CIDEr would silently become 'unavailable')."""
+    _, data = token_data
+    argv = _train_argv(data, tmp_path, mapping_type, "--val_fraction", "0.34", "--eval_cider_images", "2",
+                       "--epochs", "1", "--save_every_steps", "0")
+    assert train_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr during training unavailable" not in out
+    summary = json.loads((tmp_path / "demo_model_summary.json").read_text())
+    assert len(summary["cider"]) == 1 and summary["cider"][0]["cider"] >= 0.0
+
+
 def test_token_mapper_on_pooled_only_data_is_refused(tmp_path, tiny_clip, tiny_gpt2, capsys):
     simple_webdataset(tmp_path / "wds", num_tars=1, per_tar=2, size=SIZE)
     assert preprocess_main(_pre_args(tmp_path / "wds", tmp_path / "pre", tiny_clip, tiny_gpt2)) == 0

@@ -121,3 +121,75 @@ def test_beam_scores_are_the_length_normalised_beam_score(cap, emb, length_penal
     # Beams of one input come best first.
     for i in range(emb.shape[0]):
         assert out.scores[2 * i] >= out.scores[2 * i + 1]
+
+
+def test_a_one_token_caption_scores_its_own_log_prob(cap, emb):
+    out = cap.generate(emb, GenerationSettings(max_new_tokens=1), return_scores=True)
+    for row, tokens, score in zip(emb, out.tokens, out.scores):
+        generated = tokens or [cap.tokenizer.eos_token_id]  # an immediate end-of-text is the one token
+        assert len(generated) == 1
+        assert score == pytest.approx(float(_logprobs(cap, row, generated)[0]), abs=1e-5)
+
+
+def test_max_new_tokens_is_cut_to_the_lms_positions_after_the_prefix(cap, emb, monkeypatch, caplog):
+    """K + max_new_tokens must fit the LM's context: cut (with a warning when the user asked for more)."""
+    uncut = _tokens(cap, emb)
+    assert max(len(t) for t in uncut) > 6
+    monkeypatch.setattr(cap.model.lm.config, "n_positions", K + 6)  # room for 6 new tokens
+    with caplog.at_level("WARNING", logger="prefixcap.caption"):
+        asked = cap.generate(emb, GenerationSettings(max_new_tokens=MAX_NEW)).tokens
+    assert [r.getMessage() for r in caplog.records] == [
+        f"max_new_tokens={MAX_NEW} does not fit the LM's {K + 6} positions after the {K}-token prefix; using 6"]
+    assert max(len(t) for t in asked) == 6
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prefixcap.caption"):
+        exact = cap.generate(emb, GenerationSettings(max_new_tokens=6)).tokens  # fits exactly: no cut, no warning
+        default = cap.generate(emb, GenerationSettings()).tokens  # the model's default (10) is cut silently
+    assert caplog.records == []
+    assert asked == exact == default
+    assert asked == [t[:6] for t in uncut]  # the same captions, cut at 6 tokens
+
+
+def test_generation_uses_the_kv_cache(cap, emb):
+    """After the prefix, each step feeds the LM one new position (not the whole sequence again)."""
+    lengths = []
+
+    def record(module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        x = kwargs.get("input_ids", args[0] if args else None) if x is None else x
+        lengths.append(int(x.shape[1]))
+
+    handle = cap.model.lm.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        cap.generate(emb[:2], GenerationSettings(max_new_tokens=MAX_NEW))
+    finally:
+        handle.remove()
+    assert lengths[0] == K and len(lengths) > 3 and set(lengths[1:]) == {1}, lengths
+
+
+@pytest.fixture(scope="module")
+def cap_t5(tiny_t5) -> Captioner:
+    torch.manual_seed(0)
+    config = CaptionConfig(language_model=tiny_t5, lm_family="seq2seq",
+                           mapping=MappingConfig("mlp", prefix_size=C, prefix_length=K), max_token_length=MAX_NEW)
+    model = CaptionModel(config)
+    with torch.no_grad():
+        for p in model.lm.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)
+    return Captioner(model)
+
+
+def test_seq2seq_greedy_scores_are_mean_log_prob_of_the_decoder_tokens(cap_t5, emb):
+    """T5's sequences start with the decoder start token: the scores must line up with the new tokens."""
+    eos = cap_t5.tokenizer.eos_token_id
+    lm = cap_t5.model.lm
+    out = cap_t5.generate(emb, GenerationSettings(max_new_tokens=MAX_NEW), return_scores=True)
+    for row, tokens, score in zip(emb, out.tokens, out.scores):
+        generated = tokens + ([eos] if len(tokens) < MAX_NEW else [])
+        with torch.no_grad():
+            prefix = cap_t5.model.prefix(row[None])
+            dec = torch.tensor([[lm.config.decoder_start_token_id, *generated[:-1]]])
+            logp = lm(inputs_embeds=prefix, decoder_input_ids=dec).logits[0].float().log_softmax(-1)
+        want = torch.stack([logp[i, t] for i, t in enumerate(generated)]).mean()
+        assert score == pytest.approx(float(want), abs=1e-4), tokens

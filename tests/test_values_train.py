@@ -9,6 +9,7 @@ fails if either is dropped from the loop.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -216,3 +217,221 @@ def test_failing_cider_is_one_notice_and_training_goes_on(data, tmp_path, capsys
     assert result.global_step == 2 and result.cider == [] and len(result.val_losses) >= 2
     assert out.count("prefixcap train: notice: CIDEr during training unavailable (scorer exploded); "
                      "validation loss only") == 1
+
+
+# --- when the run stops --------------------------------------------------------------------------
+@pytest.mark.parametrize("max_steps,epochs_done,batch_in_epoch,micro_batches", [
+    (3, 1, GAS, 6 + GAS),  # mid-epoch 2: one whole epoch, then one group of epoch 2
+    (2, 1, 0, 6),  # exactly at the end of epoch 1
+])
+def test_max_steps_stops_the_run_with_epochs_left(data, tmp_path, max_steps, epochs_done, batch_in_epoch,
+                                                  micro_batches):
+    """3 epochs of 2 steps, --max_steps: stop right after that step, with the resume point saved."""
+    result = train(parse_config(_argv(data, tmp_path, 3, 0.0, "--max_steps", str(max_steps))))
+    assert result.global_step == max_steps and result.epochs_completed == epochs_done
+    assert result.samples_seen == micro_batches * BATCH
+    final = load_checkpoint(tmp_path / "demo_model_final.ckpt").state
+    latest = load_checkpoint(tmp_path / "demo_model_latest.ckpt").state  # where a resume would start
+    assert (final.global_step, latest.global_step, latest.epoch, latest.batch_in_epoch) == (
+        max_steps, max_steps, epochs_done, batch_in_epoch)
+    assert len(result.epoch_train_losses) == (2 if batch_in_epoch else 1)  # a part-epoch has its own loss
+
+
+@pytest.mark.parametrize("limit", [("--max_steps", "3"), ()], ids=["max_steps", "epochs"])
+def test_resuming_a_finished_run_does_nothing_and_says_so(data, tmp_path, capsys, limit):
+    argv = _argv(data, tmp_path, 1 if not limit else 3, 0.0, *limit)
+    first = train(parse_config(argv))
+    final = tmp_path / "demo_model_final.ckpt" / "mapper.safetensors"
+    before, stamp = _mapper(final.parent), final.stat().st_mtime_ns
+    capsys.readouterr()
+    again = train(parse_config(argv + ["--resume"]))
+    out = capsys.readouterr().out
+    step, epoch = first.global_step, first.epochs_completed
+    assert f"is already at the end of training (epoch {epoch}, step {step}); nothing to do" in out
+    assert (again.global_step, again.epochs_completed, again.samples_seen) == (step, epoch, first.samples_seen)
+    assert final.stat().st_mtime_ns == stamp  # the final model is not written again
+    _assert_same(_mapper(final.parent), before)
+
+
+def _spy_micro_batches(monkeypatch) -> list[tuple[float, int]]:
+    """(loss, torch.initial_seed()) of every micro-batch's forward, in training order."""
+    from prefixcap.model import CaptionModel
+
+    seen: list[tuple[float, int]] = []
+    forward = CaptionModel.forward
+
+    def spy(self, emb, tokens, mask):
+        loss = forward(self, emb, tokens, mask)
+        seen.append((float(loss.detach()), torch.initial_seed()))
+        return loss
+
+    monkeypatch.setattr(CaptionModel, "forward", spy)
+    return seen
+
+
+def _stub_tracker(monkeypatch) -> dict[str, list]:
+    """Accelerate's tracker API, recorded (no tracker package is installed here)."""
+    import accelerate.utils
+    from accelerate import Accelerator
+
+    calls: dict[str, list] = {"init": [], "log": [], "end": []}
+    monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: True)
+    monkeypatch.setattr(Accelerator, "init_trackers",
+                        lambda self, name, config=None, init_kwargs=None: calls["init"].append((name, config)))
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None:
+                        calls["log"].append((step, dict(values))))
+    monkeypatch.setattr(Accelerator, "end_training", lambda self: calls["end"].append(True))
+    return calls
+
+
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+# Micro-batches per optimizer step (6 per epoch, groups of 4 then 2): step s covers GROUPS[s - 1].
+GROUPS = [range(6 * e + a, 6 * e + b) for e in range(3) for a, b in ((0, 4), (4, 6))]
+
+
+@pytest.mark.filterwarnings("ignore:`log_with=tensorboard` was passed")  # the tracker itself is stubbed
+@pytest.mark.parametrize("epochs,log_every,max_steps,logged_steps", [
+    (2, 1, 0, [1, 2, 3, 4]),  # every step
+    (2, 2, 0, [2, 4]),
+    (3, 2, 3, [2]),  # stopped at step 3, mid-epoch 2: its 4 micro-batches are in no log, but in the epoch loss
+    (3, 3, 0, [3, 6]),  # the bar refreshes every gcd(10, 3) = 1 step: each log covers its own step only
+    (3, 5, 0, [5]),  # refreshes at steps 5 and 10 and at every epoch end (2, 4, 6): step 5 alone
+])
+def test_losses_logged_and_per_epoch_are_means_of_the_micro_batch_losses(data, tmp_path, monkeypatch, epochs,
+                                                                        log_every, max_steps, logged_steps):
+    """The tracker gets the run's scalars once, then every --log_every_steps the loss averaged over the
+    micro-batches since the progress bar's previous refresh (every gcd(10, --log_every_steps) steps and at
+    each epoch end); each epoch's loss is the mean over its micro-batches; the dropout seed is set at the
+    first micro-batch of each group from (seed, rank, step); the summary holds the result."""
+    import json
+    import math
+    import time
+    from dataclasses import asdict
+
+    from prefixcap.train import _group_seed
+
+    calls = _stub_tracker(monkeypatch)
+    seen = _spy_micro_batches(monkeypatch)
+    started = time.perf_counter()
+    result = train(parse_config(_argv(data, tmp_path, epochs, 0.0, "--log_with", "tensorboard",
+                                      "--log_every_steps", str(log_every), "--max_steps", str(max_steps))))
+    wall = time.perf_counter() - started
+    steps = max_steps or 2 * epochs
+    refreshes = [0] + [s for s in range(1, steps + 1) if s % math.gcd(10, log_every) == 0 or s % 2 == 0]
+    losses = [loss for loss, _ in seen]
+    assert len(seen) == GROUPS[steps - 1][-1] + 1 and result.global_step == steps
+    [(name, config)] = calls["init"]
+    assert name == "demo_model"
+    assert config["epochs"] == epochs and config["lr"] == 1e-2 and config["batch_size"] == BATCH
+    assert all(isinstance(v, (int, float, str, bool)) for v in config.values())
+    assert [step for step, _ in calls["log"]] == logged_steps
+    for step, values in calls["log"]:
+        previous = max(r for r in refreshes if r < step)
+        covered = [i for s in range(previous + 1, step + 1) for i in GROUPS[s - 1]]
+        assert values["train/loss"] == pytest.approx(_mean([losses[i] for i in covered]), abs=1e-6), step
+        # The LR after the step: linear decay from 1e-2 to 0 over the run's steps, no warm-up.
+        assert values["train/lr"] == pytest.approx(1e-2 * (1 - step / steps))
+        # Samples/s of the epoch so far: its samples over less time than the whole run took.
+        in_epoch = (GROUPS[step - 1][-1] + 1 - 6 * ((step - 1) // 2)) * BATCH
+        assert values["train/samples_per_s"] >= in_epoch / wall
+    per_epoch = [losses[i:i + 6] for i in range(0, len(losses), 6)]
+    assert result.epoch_train_losses == pytest.approx([_mean(e) for e in per_epoch], abs=1e-6)
+    assert calls["end"] == [True]
+    for i, (_, seed) in enumerate(seen):
+        group_step = next(s for s, g in enumerate(GROUPS) if i in g)
+        if i == GROUPS[group_step][0]:
+            assert seed == _group_seed(SEED, 0, group_step), i
+        else:  # seeded once per group: the later micro-batches continue that stream
+            assert seed == seen[i - 1][1]
+    # The summary's throughput is this run's samples over its time; the summary file is the result.
+    assert 0 < result.train_seconds <= wall and isinstance(result.samples_seen, int)
+    assert result.samples_per_second * result.train_seconds == pytest.approx(result.samples_seen)
+    assert json.loads((tmp_path / "demo_model_summary.json").read_text()) == json.loads(json.dumps(asdict(result)))
+
+
+def test_resume_from_an_epoch_end_is_bit_identical(data, tmp_path, monkeypatch):
+    from prefixcap import train as train_module
+
+    straight = train(parse_config(_argv(data, tmp_path / "straight", 2, 0.0)))
+    save = train_module._Trainer._save
+
+    def save_then_die(self, tag):
+        save(self, tag)
+        if tag == "latest" and self.state.epoch == 1 and self.state.batch_in_epoch == 0:  # _end_epoch's save
+            raise _Killed
+
+    monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        train(parse_config(_argv(data, tmp_path / "killed", 2, 0.0)))
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path / "killed" / "demo_model_latest.ckpt").state
+    assert (state.epoch, state.batch_in_epoch, state.global_step) == (1, 0, 2)
+    resumed = train(parse_config(_argv(data, tmp_path / "killed", 2, 0.0, "--resume")))
+    assert resumed.global_step == straight.global_step == 4
+    assert resumed.samples_seen == straight.samples_seen == 12 * BATCH
+    _assert_same(_mapper(tmp_path / "killed" / "demo_model_final.ckpt"),
+                 _mapper(tmp_path / "straight" / "demo_model_final.ckpt"))
+
+
+def test_epoch_checkpoints_every_save_every_epochs(data, tmp_path):
+    train(parse_config(_argv(data, tmp_path, 3, 0.0, "--save_every_epochs", "2")))
+    names = sorted(p.name for p in tmp_path.glob("demo_model_*.ckpt"))
+    # Epochs are counted from 1 for the period and named from 0 as the seed does: epoch 2 -> demo_model_1.
+    assert names == ["demo_model_1.ckpt", "demo_model_final.ckpt", "demo_model_latest.ckpt"]
+    assert load_checkpoint(tmp_path / "demo_model_1.ckpt").state.global_step == 4
+
+
+def test_progress_bar_counts_each_epochs_batches_from_the_resume_point(data, tmp_path, capsys, monkeypatch):
+    _train_killed_after_step(_argv(data, tmp_path, 2, 0.0), 1, monkeypatch)
+    capsys.readouterr()
+    train(parse_config(_argv(data, tmp_path, 2, 0.0, "--resume")))
+    err = capsys.readouterr().err
+    # Epoch 1 resumes at micro-batch 4 of 6 (the bar starts there, not at 0), then epoch 2 runs 0..6.
+    assert "epoch 1/2:  67%|██████▋   | 4/6 [" in err and "epoch 1/2:   0%" not in err
+    assert "epoch 1/2: 100%|██████████| 6/6 [" in err
+    assert "epoch 2/2:   0%|          | 0/6 [" in err and "epoch 2/2: 100%|██████████| 6/6 [" in err
+    assert "batch/s, loss=" in err and "epoch 3/2" not in err
+
+
+def test_a_longer_resumed_run_follows_its_own_schedule_from_the_saved_step(data, tmp_path, monkeypatch):
+    """--max_steps 2 then --resume with --max_steps 4: steps 3 and 4 use the 4-step schedule's LR at steps
+    2 and 3 (5e-3, 2.5e-3), not the finished 2-step schedule's last LR (0)."""
+    used: list[float] = []
+    adamw_step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    train(parse_config(_argv(data, tmp_path, 3, 0.0, "--max_steps", "2")))
+    assert used == pytest.approx([1e-2, 5e-3])
+    used.clear()
+    resumed = train(parse_config(_argv(data, tmp_path, 3, 0.0, "--max_steps", "4", "--resume")))
+    assert resumed.global_step == 4
+    assert used == pytest.approx([5e-3, 2.5e-3])
+
+
+def test_a_validation_image_that_fails_to_caption_is_named_in_the_one_notice(data, tmp_path, capsys, monkeypatch):
+    """A failed item is never scored as an empty caption: CIDEr is skipped with the image and the reason."""
+    from dataclasses import replace
+
+    from prefixcap import pipeline
+
+    real = pipeline.caption_items
+
+    def second_fails(*args, **kwargs):
+        for n, result in enumerate(real(*args, **kwargs)):
+            yield replace(result, captions=[], error="decoder exploded") if n == 1 else result
+
+    monkeypatch.setattr(pipeline, "caption_items", second_fails)
+    result = train(parse_config(_argv(data, tmp_path, 1, 0.0, "--val_fraction", "0.25", "--eval_cider_images", "3")))
+    out = capsys.readouterr().out
+    assert result.cider == []
+    notices = [line for line in out.splitlines() if "CIDEr during training unavailable" in line]
+    assert len(notices) == 1
+    assert re.fullmatch(r"prefixcap train: notice: CIDEr during training unavailable \(validation image \d+: "
+                        r"decoder exploded\); validation loss only", notices[0]), notices[0]

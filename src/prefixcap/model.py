@@ -241,7 +241,13 @@ class CaptionModel(nn.Module):
 
         config = CaptionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         tokenizer = load_tokenizer(str(folder / "tokenizer"))
-        lm_source = str(folder / "lm") if (folder / "lm").is_dir() else config.language_model
+        has_lm = (folder / "lm").is_dir()
+        if config.lm_mode == "fine-tuned" and not has_lm:
+            # Falling back to the base LM by name would caption (or resume training) with weights this
+            # model was never trained with, silently.
+            raise FileNotFoundError(f"{folder} holds a model whose LM was fine-tuned, but its lm/ folder is "
+                                    "missing; copy the whole artifact folder")
+        lm_source = str(folder / "lm") if has_lm else config.language_model
         lm = load_language_model(lm_source, config.lm_family, dtype=dtype, **hf_kwargs)
         adapter = None
         if config.lora is not None:

@@ -480,8 +480,23 @@ class _Trainer:
                       f"{cfg.output_filename_prefix}_latest.ckpt does); continuing with fresh AdamW "
                       "moments, so the run will not match an uninterrupted one exactly")
         self.scheduler.load_state_dict(payload["scheduler"])
+        self._lr_from_this_schedule()
         if acc.is_main_process:
             restore_rng_states(payload["rng"])
+
+    def _lr_from_this_schedule(self) -> None:
+        """Set the LR this run's schedule gives at the restored step.
+
+        The restored optimizer holds the LR of the run that saved it; a resumed run with a larger --epochs
+        or --max_steps has a longer schedule, and its next step would otherwise use the old one's last LR
+        (0 once that schedule ended). The same expression as LambdaLR's, so an unchanged schedule gives
+        the very same value and resume stays bit-identical.
+        """
+        sched = self.scheduler
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs  # what get_last_lr() reports (progress bar, tracker)
 
     # --- checks ---------------------------------------------------------------------------
     def _check_previous_run(self, out: Path) -> None:
