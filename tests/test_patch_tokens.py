@@ -316,3 +316,42 @@ def test_scene_captions_parse_back_and_wrong_ones_are_caught():
     assert good["clauses"] == [(true_rel, True)] and bad["clauses"] == [(wrong_rel, False)]
     assert not bad["relations"] and not bad["all"]
     assert good["relations"] == (len(scene.objects) == 2)  # a 3-object scene needs two clauses
+
+
+def test_evaluate_on_a_preprocessed_dataset_feeds_a_token_model_its_stored_tokens(token_data, tmp_path, tiny_clip,
+                                                                                 capsys):
+    from prefixcap.caption import Captioner
+    from prefixcap.evaluate_cli import main as evaluate_main
+
+    _, data_dir = token_data
+    assert train_main(_train_argv(data_dir, tmp_path / "m", "transformer_tokens", "--epochs", "2", "--lr", "1e-2",
+                                  "--save_every_steps", "1000")) == 0
+    model = tmp_path / "m" / "demo_model_final.ckpt"
+    argv = ["--model", str(model), "--dataset", str(data_dir), "--metrics", "bleu", "--no_clipscore",
+            "--tokenizer", "simple", "--device", "cpu", "--max_new_tokens", "8", "--output_dir", str(tmp_path / "ev")]
+    assert evaluate_main(argv) == 0
+    preds = {r["key"]: r["caption"] for r in map(json.loads, (tmp_path / "ev" / "predictions.jsonl").open())}
+    data = load_preprocessed(data_dir)
+    keys = [data.image(i)[0] for i in range(data.num_images)]
+    cap = Captioner.from_pretrained(model, clip_model=tiny_clip)
+    stored = np.stack([data.image_patch_tokens(i) for i in range(data.num_images)])  # (12, N, C)
+    assert preds == dict(zip(keys, cap.caption_embeddings(stored, max_new_tokens=8)))
+    assert '"caption_input": "patch tokens"' in (tmp_path / "ev" / "metrics.json").read_text()
+
+
+def test_evaluate_refuses_a_token_model_on_pooled_only_data(tmp_path, tiny_clip, tiny_gpt2, capsys):
+    from prefixcap.evaluate_cli import main as evaluate_main
+    from prefixcap.model import CaptionConfig, CaptionModel
+
+    simple_webdataset(tmp_path / "wds", num_tars=1, per_tar=2, size=SIZE)
+    assert preprocess_main(_pre_args(tmp_path / "wds", tmp_path / "pre", tiny_clip, tiny_gpt2)) == 0
+    model = CaptionModel(CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2,
+                                       mapping=_token_cfg("transformer_tokens")))
+    model.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    code = evaluate_main(["--model", str(tmp_path / "m"), "--dataset", str(tmp_path / "pre"), "--no_clipscore",
+                          "--metrics", "bleu", "--device", "cpu", "--output_dir", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "reads patch tokens, but dataset" in err and "stores only pooled embeddings" in err
+

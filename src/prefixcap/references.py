@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ class Predictions:
     errors: dict[str, str] = field(default_factory=dict)  # key -> the caption stage's error
     duplicates: list[str] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
-    source: str | None = None  # --model mode: "images", "embeddings" or "reader"
+    source: str | None = None  # --model mode: "images", "embeddings", "patch tokens" or "reader"
 
 
 def _read_jsonl(path: Path, what: str) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -136,6 +136,8 @@ class References:
     aliases: dict[str, str] = field(default_factory=dict)  # other name (file name, stem) -> key
     embeddings: dict[str, np.ndarray] | None = None  # preprocessed datasets: key -> (C,) CLIP embedding
     embedding_model: str | None = None  # the CLIP that produced `embeddings`
+    # Preprocessed with --store_patch_tokens: key -> (N, C) tokens, read from the memory-mapped shards on use.
+    patch_tokens: Mapping[str, np.ndarray] | None = None
     split: str | None = None
 
     def resolve(self, key: str) -> str | None:
@@ -200,11 +202,31 @@ def _preprocessed_references(path: Path) -> References:
         raise EvaluationError(str(err)) from err
     refs = References({}, "preprocessed", embeddings={}, embedding_model=ds.manifest.clip_model)
     by_index = ds.references()
+    index_of: dict[str, int] = {}
     for index in range(ds.num_images):
         key, embedding = ds.image(index)
         refs.captions[key] = clean_references(by_index.get(index, []))
         refs.embeddings[key] = embedding  # (C,)
+        index_of[key] = index
+    if ds.patch_token_shape:
+        refs.patch_tokens = _StoredTokens(ds, index_of)
     return refs
+
+
+class _StoredTokens(Mapping):
+    """key -> (N, C) patch tokens of a preprocessed dataset, read when asked for (not all held in memory)."""
+
+    def __init__(self, ds: Any, index_of: dict[str, int]):
+        self._ds, self._index_of = ds, index_of
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._ds.image_patch_tokens(self._index_of[key])
+
+    def __iter__(self):
+        return iter(self._index_of)
+
+    def __len__(self) -> int:
+        return len(self._index_of)
 
 
 def load_references(path: str | os.PathLike, split: str = "test") -> References:
