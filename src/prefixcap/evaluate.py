@@ -347,16 +347,17 @@ def _generate(cfg: EvaluateConfig, cap: Any, refs: References, keys: list[str]) 
             raise EvaluationError(
                 f"dataset {cfg.dataset} holds {refs.embedding_model!r} embeddings but model {cfg.model} "
                 f"was trained on {cap.config.clip_model!r} ones")
-        tokens = refs.patch_tokens
-        if cap.config.mapping.takes_tokens and tokens is None:
+        tokens, use_tokens = refs.patch_tokens, cap.config.mapping.takes_tokens
+        if use_tokens and tokens is None:
             raise EvaluationError(
                 f"model {cfg.model} ({cap.config.mapping.mapping_type} mapper) reads patch tokens, but dataset "
                 f"{cfg.dataset} stores only pooled embeddings; preprocess it with --store_patch_tokens, or "
                 "caption its images (--images)")
-        # A token mapper reads the stored patch tokens (the pipeline picks them); others the pooled vector.
-        items = [Item(k, embedding=refs.embeddings[k], patch_tokens=tokens[k] if tokens is not None else None)
+        # A token mapper reads the stored patch tokens (the pipeline picks them); others the pooled vector,
+        # and no tokens are read for them.
+        items = [Item(k, embedding=refs.embeddings[k], patch_tokens=tokens[k] if use_tokens else None)
                  for k in keys]
-        source = "patch tokens" if cap.config.mapping.takes_tokens else "embeddings"
+        source = "patch tokens" if use_tokens else "embeddings"
     else:
         root = _image_root(cfg)
         if not root:
