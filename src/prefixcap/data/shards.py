@@ -49,7 +49,7 @@ class Manifest:
     """manifest.json: what made a preprocessed dataset and what it holds; the one type every stage reads.
 
     The header (encoder, tokenizer, lengths) is known before any shard is written; the counts are
-    filled in from the shards' stats when every rank has finished (`with_counts`).
+    filled in from the shards' stats when every rank has finished (`data.runner.try_write_manifest`).
     """
 
     # --- what made it ---

@@ -3,7 +3,7 @@
 Every bad input is answered with a 4xx and a message naming the image and the limit; an image
 that fails never fails the other images of its request, and a 500 (a bug, never the input) comes
 with `Connection: close`. Memory is bounded by construction: request bodies by --max_upload_mb and
-together by --max_inflight_mb (serve_guards), decoded images by --max_image_pixels times the few
+together by --max_inflight_mb (serve.guards), decoded images by --max_image_pixels times the few
 decoding threads, and queued work by --max_queue preprocessed images (a few hundred KB each).
 Running it: serve.http (uvicorn, connection limits and deadlines) and serve.cli (`prefixcap serve`).
 """
