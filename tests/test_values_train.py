@@ -49,20 +49,26 @@ class _Killed(Exception):
     """Stands for a kill right after a checkpoint (the slow test does a real kill -9)."""
 
 
-def _train_killed_after_step(argv: list[str], step: int, monkeypatch) -> None:
+def _train_killed_after_save(argv: list[str], monkeypatch, when) -> None:
+    """Train, dying right after the first `_latest` save for which `when(state)` holds."""
     from prefixcap import train as train_module
 
     save = train_module._Trainer._save
 
     def save_then_die(self, tag):
         save(self, tag)
-        if tag == "latest" and self.state.global_step == step:
+        if tag == "latest" and when(self.state):
             raise _Killed
 
     monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
     with pytest.raises(_Killed):
-        train(parse_config(argv + ["--save_every_steps", "1"]))
+        train(parse_config(argv))
     monkeypatch.undo()
+
+
+def _train_killed_after_step(argv: list[str], step: int, monkeypatch) -> None:
+    _train_killed_after_save(argv + ["--save_every_steps", "1"], monkeypatch,
+                             lambda state: state.global_step == step)
 
 
 def _checkpoint_at_step(folder: Path, step: int) -> Path:
@@ -353,20 +359,9 @@ def test_losses_logged_and_per_epoch_are_means_of_the_micro_batch_losses(data, t
 
 
 def test_resume_from_an_epoch_end_is_bit_identical(data, tmp_path, monkeypatch):
-    from prefixcap import train as train_module
-
     straight = train(parse_config(_argv(data, tmp_path / "straight", 2, 0.0)))
-    save = train_module._Trainer._save
-
-    def save_then_die(self, tag):
-        save(self, tag)
-        if tag == "latest" and self.state.epoch == 1 and self.state.batch_in_epoch == 0:  # _end_epoch's save
-            raise _Killed
-
-    monkeypatch.setattr(train_module._Trainer, "_save", save_then_die)
-    with pytest.raises(_Killed):
-        train(parse_config(_argv(data, tmp_path / "killed", 2, 0.0)))
-    monkeypatch.undo()
+    _train_killed_after_save(_argv(data, tmp_path / "killed", 2, 0.0), monkeypatch,
+                             lambda state: state.epoch == 1 and state.batch_in_epoch == 0)  # _end_epoch's save
     state = load_checkpoint(tmp_path / "killed" / "demo_model_latest.ckpt").state
     assert (state.epoch, state.batch_in_epoch, state.global_step) == (1, 0, 2)
     resumed = train(parse_config(_argv(data, tmp_path / "killed", 2, 0.0, "--resume")))
