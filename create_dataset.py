@@ -2,7 +2,7 @@
 
 import sys
 
-from prefixcap.preprocess_cli import main
+from prefixcap.preprocess.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="create_dataset.py"))

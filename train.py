@@ -6,8 +6,8 @@ from pathlib import Path
 
 if __name__ == "__main__":
     try:
-        from prefixcap.train_cli import main
+        from prefixcap.train.cli import main
     except ImportError:  # run from a checkout that was not pip-installed
         sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-        from prefixcap.train_cli import main
+        from prefixcap.train.cli import main
     sys.exit(main())

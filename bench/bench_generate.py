@@ -32,9 +32,9 @@ def build_captioner(mapping_type: str, prefix_length: int):
     import torch
 
     from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
-    from prefixcap.caption import Captioner
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     build_clip_vit_b32()
     gpt2 = build_gpt2_small()

@@ -21,7 +21,7 @@ CHILD_CODE = r"""
 import json, resource, shutil, statistics, sys, time
 from pathlib import Path
 import torch
-from prefixcap.train import TrainConfig, _Trainer
+from prefixcap.train.run import TrainConfig, _Trainer
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec.pop("threads"))
 out = Path(spec["output_dir"])

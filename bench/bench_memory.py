@@ -1,6 +1,6 @@
 """Training memory: peak RSS of `prefixcap train` on 1,000,000 captions vs 10,000 (synthetic embeddings).
 
-Each run is a fresh subprocess (`python -m prefixcap.train_cli ...`, a few steps, GPT-2 small frozen) so
+Each run is a fresh subprocess (`python -m prefixcap.train.cli ...`, a few steps, GPT-2 small frozen) so
 peaks don't mix. Two peaks are recorded: the training process's own (ru_maxrss, exact) and the
 whole process tree's (main + loader workers, polled from /proc every 20 ms). A second pair uses a
 tiny LM with the same tokenizer, where the data's share of memory is not hidden behind GPT-2's weights.
@@ -30,7 +30,7 @@ from bench.common import (
 
 CHILD_CODE = """
 import json, resource, sys
-from prefixcap.train_cli import main
+from prefixcap.train.cli import main
 code = main(sys.argv[2:])
 print('PEAK_RSS_KB', json.dumps({'self': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
       'children': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, 'code': code}))
@@ -89,7 +89,7 @@ def build_tiny_lm_same_tokenizer() -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.builders import GPT2_DIR, GPT2_VOCAB, build_gpt2_small
-    from prefixcap.language_models import load_tokenizer
+    from prefixcap.model.language_models import load_tokenizer
 
     path = WORK / "models" / "gpt2-tiny-same-tokenizer"
     if (path / "config.json").is_file():

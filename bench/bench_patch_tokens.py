@@ -9,7 +9,7 @@ One command from a clean checkout (`python -m bench.bench_patch_tokens`; 29 min 
      1 + 3x3 tokens in one dataset)
   5. `prefixcap train` for each mapper x LM mode x seed, all with the same settings, then greedy captions
      of the held-out scenes from the stored features, scored by parsing (demo.scenes.score_captions)
-     and by CIDEr-D (prefixcap.metrics, simple tokenizer: Java's PTB tokenizer adds seconds per call
+     and by CIDEr-D (prefixcap.evaluate.metrics, simple tokenizer: Java's PTB tokenizer adds seconds per call
      and changes nothing for these lower-case, punctuation-free captions)
 Seeds vary the captioner only (mapper initialisation, batch order); data, CLIP and LM are fixed.
 Writes bench/results/patch_tokens.json and bench/results/patch_tokens.md (the tables).
@@ -244,9 +244,9 @@ def test_inputs(test_data: Path) -> tuple[list[str], "object", "object"]:
 
 def score_run(model_dir: Path, inputs, scenes: dict, refs: dict, vocab, ds, check_images: bool) -> dict:
     """Greedy captions of the held-out scenes from stored features -> parsed scores, CIDEr-D, examples."""
-    from prefixcap.caption import Captioner
+    from prefixcap.caption.captioner import Captioner
     from prefixcap.demo.scenes import score_captions
-    from prefixcap.metrics import coco_scores
+    from prefixcap.evaluate.metrics import coco_scores
 
     keys, pooled, tokens = inputs
     cap = Captioner.from_pretrained(model_dir)

@@ -1,6 +1,6 @@
 """Preprocess throughput: prefixcap's runner end to end vs the encoder alone, and vs per-caption encoding.
 
-  end-to-end  prefixcap.preprocess.run_preprocess on webdataset shards of 640x480 JPEGs with five
+  end-to-end  prefixcap.preprocess.run.run_preprocess on webdataset shards of 640x480 JPEGs with five
               captions per image (read, decode, resize/crop in worker processes, encode, write shards)
   encoder     the same CLIP ViT-B/32 encode_pixels on already-decoded tensors at the same batch size
               (measured before and after the end-to-end run; the mean is used)
@@ -46,7 +46,7 @@ def decode_cost_ms(tars: list[str], encoder, n: int = 32) -> float:
 
     from PIL import Image
 
-    from prefixcap.encoders import to_rgb
+    from prefixcap.model.encoders import to_rgb
 
     jpegs = []
     with tarfile.open(tars[0]) as tf:
@@ -70,7 +70,7 @@ class CountingEncoder:
         self.images = 0
 
     def install(self):
-        from prefixcap.encoders import HFClipEncoder
+        from prefixcap.model.encoders import HFClipEncoder
 
         original = HFClipEncoder.encode_pixels
         counter = self
@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench.reference import encode_per_caption
     from bench.synthetic import write_jpeg_shards
     from prefixcap.data.readers import ReaderOptions
-    from prefixcap.encoders import load_encoder
-    from prefixcap.preprocess import PreprocessConfig, run_preprocess
+    from prefixcap.model.encoders import load_encoder
+    from prefixcap.preprocess.run import PreprocessConfig, run_preprocess
 
     build_clip_vit_b32()
     build_gpt2_small()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_captions_per_s = len(caps) / t_ref
     ours_captions_per_s = summary.num_captions / summary.seconds
     decode_ms = decode_cost_ms(tars, encoder)
-    from prefixcap.encoders import HFClipEncoder
+    from prefixcap.model.encoders import HFClipEncoder
 
     HFClipEncoder.encode_pixels = original
     enc_ms = 1e3 / enc

@@ -1,6 +1,6 @@
 """Re-caption throughput: `prefixcap caption --output_dir` end to end vs generation alone on the same images.
 
-  end-to-end     the re-captioning run (prefixcap.recaption) on webdataset shards of 640x480 JPEGs:
+  end-to-end     the re-captioning run (prefixcap.caption.sharded) on webdataset shards of 640x480 JPEGs:
                  read the tars, decode + resize in threads, CLIP ViT-B/32 encode one batch ahead in a
                  thread, GPT-2 small greedy generation, webdataset output shards with the original
                  members copied and a json member with the score
@@ -26,9 +26,9 @@ def build_captioner():
     import torch
 
     from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
-    from prefixcap.caption import Captioner
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     build_clip_vit_b32()
     gpt2 = build_gpt2_small()
@@ -65,9 +65,9 @@ CPU_SECONDS: list[tuple[float, float]] = []  # (wall, process CPU) of each timed
 
 def run_end_to_end(cap, tars: list[str], batch_size: int, workers: int, tokens: int):
     """The CLI's --output_dir path on the tars with the loaded captioner; (summary, captions in order)."""
-    from prefixcap.caption_cli import build_parser, folder_settings, job_from_args
-    from prefixcap.caption_writers import WriterOptions
-    from prefixcap.recaption import make_plan, run_recaption
+    from prefixcap.caption.cli import build_parser, folder_settings, job_from_args
+    from prefixcap.caption.writers import WriterOptions
+    from prefixcap.caption.sharded import make_plan, run_recaption
 
     out = WORK / "out" / "recaption_bench"
     shutil.rmtree(out, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Both train an MLP mapper (K=10) in front of GPT-2 small (random weights) on one synthetic
 preprocessed dataset with a COCO-like caption-length distribution, on the CPU in fp32:
-  prefixcap  prefixcap.train.train(TrainConfig(...)): frozen LM (no weight gradients), per-batch
+  prefixcap  prefixcap.train.run.train(TrainConfig(...)): frozen LM (no weight gradients), per-batch
              padding with length-grouped batches, LM head only on caption positions, worker processes
   reference  bench.reference.ReferenceTrainer: every caption padded to min(mean + 10 std, max),
              weight gradients computed for the frozen LM, LM head on every position, no workers
@@ -29,7 +29,7 @@ from bench.common import (
 
 def dataset_manifest(gpt2_dir: Path, clip_dir: Path) -> dict:
     """The manifest header the preprocess stage writes, for a dataset tokenized for our GPT-2."""
-    from prefixcap.language_models import load_tokenizer, tokenizer_fingerprint
+    from prefixcap.model.language_models import load_tokenizer, tokenizer_fingerprint
 
     tok = load_tokenizer(str(gpt2_dir))
     return {"clip_model": str(clip_dir), "embedding_dim": 512, "normalized": False, "tokenizer": str(gpt2_dir),
@@ -51,7 +51,7 @@ def run_prefixcap(data_dir: Path, batch_size: int, steps: int, warmup: int, only
     """prefixcap's own trainer; optimizer steps are timestamped, checkpoint writing is skipped."""
     import torch
 
-    from prefixcap.train import TrainConfig, _Trainer
+    from prefixcap.train.run import TrainConfig, _Trainer
 
     cfg = TrainConfig(data_dir=str(data_dir), output_dir=str(WORK / "out" / "train_bench"),
                       batch_size=batch_size, only_prefix=only_prefix, epochs=1, max_steps=warmup + steps,
@@ -93,8 +93,8 @@ def build_reference(data_dir: Path, only_prefix: bool, seed: int = 42):
 
     from bench import reference
     from prefixcap.data.shards import load_preprocessed
-    from prefixcap.language_models import load_language_model
-    from prefixcap.mapping import MappingConfig, build_mapper
+    from prefixcap.model.language_models import load_language_model
+    from prefixcap.model.mapping import MappingConfig, build_mapper
 
     data = load_preprocessed(data_dir)
     # The original loaded its whole pickle into memory; so does the reference.
@@ -125,9 +125,9 @@ def check_same_loss(data_dir: Path) -> dict:
     import torch
 
     from prefixcap.data.loader import CaptionDataset, collate
-    from prefixcap.language_models import load_tokenizer
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.language_models import load_tokenizer
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     model, dataset = build_reference(data_dir, only_prefix=True)
     cfg = CaptionConfig(language_model=CaptionDataset(data_dir).manifest.tokenizer, mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from prefixcap.data.shards import Manifest, ShardContent, write_shard
-from prefixcap.language_models import (
+from prefixcap.model.language_models import (
     load_tokenizer,
     tokenize_caption,
     tokenizer_fingerprint,

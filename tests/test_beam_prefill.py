@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prefixcap.caption import Captioner, _trim_at_eos
+from prefixcap.caption.captioner import Captioner, _trim_at_eos
 from prefixcap.generation import GenerationSettings
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 K = 4  # prefix length of the test models
 C = 16  # tiny CLIP embedding size

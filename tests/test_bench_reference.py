@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import reference
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap.caption import Captioner, ImageInputError
+from prefixcap.caption.captioner import Captioner, ImageInputError
 from prefixcap.generation import MAX_NEW_TOKENS, GenerationSettings
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 K = 4  # prefix length of the test models
 C = 16  # tiny CLIP embedding size

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap.caption import Captioner
-from prefixcap.caption_cli import main
+from prefixcap.caption.captioner import Captioner
+from prefixcap.caption.cli import main
 from prefixcap.data.shards import Manifest, ShardContent, ShardEntry, write_shard
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 C = 16
 

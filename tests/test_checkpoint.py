@@ -13,16 +13,16 @@ import time
 import pytest
 import torch
 
-from prefixcap import checkpoint as ckpt
-from prefixcap.checkpoint import (
+import prefixcap.train.checkpoint as ckpt
+from prefixcap.train.checkpoint import (
     TrainingState,
     checkpoint_path,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 
 def _setup(lm_path: str, only_prefix: bool = True):
@@ -122,9 +122,9 @@ def test_interrupted_swap_falls_back_to_old(tmp_path, tiny_gpt2):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from prefixcap.checkpoint import TrainingState, save_checkpoint
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.train.checkpoint import TrainingState, save_checkpoint
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
     from transformers import get_linear_schedule_with_warmup
     torch.set_num_threads(1)
     lm, out = sys.argv[1], sys.argv[2]

@@ -19,7 +19,7 @@ from prefixcap.demo.clip_pretrain import (
     pretrain_clip,
     probe_attributes,
 )
-from prefixcap.encoders import load_encoder
+from prefixcap.model.encoders import load_encoder
 from prefixcap.demo.synthetic import SyntheticConfig, caption_attributes, generate_samples
 
 # Step-bounded (not time-bounded) so the outcome does not depend on how busy the machine is.

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap import caption_cli
-from prefixcap import references as R
-from prefixcap import evaluate_cli as EC
+import prefixcap.caption.cli as caption_cli
+import prefixcap.evaluate.references as R
+import prefixcap.evaluate.cli as EC
 from prefixcap.data.coco import CocoFormatError, load_coco, parse_coco
 from prefixcap.data.readers import ReaderConfig, ReaderOptions, make_reader
 
@@ -75,8 +75,8 @@ def test_parser_errors_name_the_problem(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_clip, tiny_gpt2) -> str:
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     torch.manual_seed(0)
     config = CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2, lm_family="causal",

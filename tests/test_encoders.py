@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from prefixcap.data.images import to_rgb
-from prefixcap.encoders import (
+from prefixcap.model.encoders import (
     UnknownEncoderError, load_encoder, normalize, resolve_encoder,
 )
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prefixcap import caption as caption_module  # a broken import must fail the module, never skip it
-from prefixcap import evaluate as E
-from prefixcap import references as R
-from prefixcap import evaluate_cli as EC
-from prefixcap import metrics as M
+import prefixcap.caption.captioner as caption_module  # a broken import must fail the module, never skip it
+import prefixcap.evaluate.run as E
+import prefixcap.evaluate.references as R
+import prefixcap.evaluate.cli as EC
+import prefixcap.evaluate.metrics as M
 
 needs_java = pytest.mark.skipif(not M.java_available(), reason="java is not on PATH")
 
@@ -241,7 +241,7 @@ def write_preprocessed(folder: Path, clip: str, embeddings: np.ndarray) -> Path:
 
 
 def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_clip, tmp_path):
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     enc = load_encoder(tiny_clip)
     paths = [coco["images"] / f"COCO_val2014_{i:012d}.jpg" for i in CAPTIONS]
@@ -268,8 +268,8 @@ def test_preprocessed_references_use_stored_embeddings_for_clipscore(coco, tiny_
 def tiny_artifact(tmp_path_factory, tiny_clip, tiny_gpt2) -> Path:
     import torch
 
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     torch.manual_seed(0)
     config = CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2, lm_family="causal",

@@ -187,7 +187,7 @@ def test_flags_are_derived_from_the_fields():
 
 
 def test_caption_help_shows_defaults_and_ranges(capsys):
-    from prefixcap.caption_cli import main
+    from prefixcap.caption.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["--help"])
@@ -211,7 +211,7 @@ def test_caption_help_shows_defaults_and_ranges(capsys):
     (["--num_return_sequences", "3"], "num_return_sequences=3 needs num_beams >= 3"),
 ])
 def test_caption_bad_flag_value_exits_2_with_one_line(argv, message, capsys, tmp_path):
-    from prefixcap.caption_cli import main
+    from prefixcap.caption.cli import main
 
     with pytest.raises(SystemExit) as info:
         main(["--model", str(tmp_path / "no_model"), str(tmp_path / "a.png"), *argv])
@@ -224,7 +224,7 @@ def test_caption_bad_flag_value_exits_2_with_one_line(argv, message, capsys, tmp
 
 
 def test_evaluate_shares_the_flags_but_scores_one_caption(capsys):
-    from prefixcap.evaluate_cli import build_parser, config_from_args
+    from prefixcap.evaluate.cli import build_parser, config_from_args
 
     parser = build_parser()
     args = parser.parse_args(["--model", "m", "--dataset", "d", "--num_beams", "4", "--length_penalty", "0.5"])
@@ -240,9 +240,9 @@ def test_evaluate_shares_the_flags_but_scores_one_caption(capsys):
 
 # --- the captioner validates what reaches generate ------------------------------------------------
 def test_captioner_refuses_tiny_temperature_before_sampling(tiny_gpt2):
-    from prefixcap.caption import Captioner
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     torch.manual_seed(0)
     cap = Captioner(CaptionModel(CaptionConfig(language_model=tiny_gpt2, max_token_length=4,
@@ -378,8 +378,8 @@ def test_serve_config_refuses_caps_outside_the_general_bounds():
 
 
 def test_evaluate_library_call_validates_its_settings(tmp_path):
-    from prefixcap.evaluate import EvaluateConfig, run
-    from prefixcap.references import EvaluationError
+    from prefixcap.evaluate.run import EvaluateConfig, run
+    from prefixcap.evaluate.references import EvaluationError
 
     base = dict(model=str(tmp_path / "model"), dataset=str(tmp_path / "refs.json"), output_dir=str(tmp_path))
     with pytest.raises(EvaluationError, match=r"decoding flags: temperature=1e-40 is out of range"):

@@ -7,16 +7,16 @@ import copy
 import pytest
 import torch
 
-from prefixcap.language_models import load_language_model
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel, _checkpointed_layers
-from prefixcap.train_cli import parse_config
+from prefixcap.model.language_models import load_language_model
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel, _checkpointed_layers
+from prefixcap.train.cli import parse_config
 
 K = 3
 
 
 def _model(lm_path: str, family: str, mode: str) -> CaptionModel:
-    from prefixcap.adapters import resolve_settings
+    from prefixcap.model.adapters import resolve_settings
 
     torch.manual_seed(0)
     lm = load_language_model(lm_path, family)

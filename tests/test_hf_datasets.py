@@ -12,7 +12,7 @@ from PIL import Image
 
 from prefixcap import load_preprocessed
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
-from prefixcap.preprocess_cli import main as preprocess_main
+from prefixcap.preprocess.cli import main as preprocess_main
 from test_preprocess import reference_embeddings, run_args
 
 
@@ -151,8 +151,9 @@ def test_preprocess_reads_a_saved_dataset(saved, tmp_path, tiny_clip, tiny_gpt2)
 
 
 def test_caption_and_evaluate_offer_the_flags():
-    from prefixcap import caption_cli, evaluate_cli
-    from prefixcap.caption_inputs import FORMATS
+    from prefixcap.caption import cli as caption_cli
+    from prefixcap.evaluate import cli as evaluate_cli
+    from prefixcap.caption.inputs import FORMATS
 
     assert "hf_dataset" in FORMATS
     parser = caption_cli.build_parser()

@@ -11,9 +11,9 @@ import torch
 from helpers_data import make_dataset
 
 from prefixcap.cli import main as cli_main
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CONFIG_NAME, MAPPER_WEIGHTS, CaptionConfig, CaptionModel
-from prefixcap.train_cli import main as train_main
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CONFIG_NAME, MAPPER_WEIGHTS, CaptionConfig, CaptionModel
+from prefixcap.train.cli import main as train_main
 
 
 def _model(tiny_clip, tiny_gpt2) -> CaptionModel:

@@ -46,7 +46,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_clip):
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     return load_encoder(tiny_clip, device="cpu")
 
@@ -222,8 +222,8 @@ def probe(stage: str, work: str, clip: str, lm: str) -> None:
     work_dir = Path(work)
     thin, good = work_dir / "thin.png", work_dir / "good.png"
     if stage == "preprocess":
-        from prefixcap.data import runner
-        from prefixcap.preprocess_cli import main
+        from prefixcap.preprocess import runner
+        from prefixcap.preprocess.cli import main
 
         measured = {}
         original = runner._process_record
@@ -242,7 +242,7 @@ def probe(stage: str, work: str, clip: str, lm: str) -> None:
                    "--num_prepro_workers", "0"])
         measured["rc"] = rc
     elif stage == "caption":
-        from prefixcap.caption import Captioner
+        from prefixcap.caption.captioner import Captioner
 
         cap = Captioner.from_pretrained(lm, device="cpu")
         cap.caption([str(good)], max_new_tokens=2)  # warm-up: encoder loaded, first batch run
@@ -251,7 +251,7 @@ def probe(stage: str, work: str, clip: str, lm: str) -> None:
     else:
         from fastapi.testclient import TestClient
 
-        from prefixcap.caption import Captioner
+        from prefixcap.caption.captioner import Captioner
         from prefixcap.serve.config import ServeConfig
         from prefixcap.serve.app import create_app
 
@@ -273,8 +273,8 @@ def thin_setup(tmp_path_factory, tiny_gpt2):
     """A 64 px tiny CLIP (the old code spent ~6 s and 1.2 GB on the thin PNG with it), a captioner on it,
     and a folder holding a normal image and the 1x30000 PNG, each with a caption."""
     from prefixcap.demo import tiny_models
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     work = tmp_path_factory.mktemp("thin")
     clip = str(tiny_models.build_tiny_clip(work / "clip64", image_size=64))

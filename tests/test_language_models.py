@@ -2,7 +2,7 @@
 
 import pytest
 
-from prefixcap.language_models import (
+from prefixcap.model.language_models import (
     LanguageModelError, detect_family, family_of_type, load_tokenizer, tokenize_caption,
 )
 

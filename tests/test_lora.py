@@ -10,14 +10,14 @@ import torch
 from helpers_data import make_dataset
 from safetensors.torch import load_file
 
-from prefixcap import train as train_module
-from prefixcap.adapters import ADAPTER_DIR, LORA_TARGETS, AdapterError, resolve_settings
-from prefixcap.checkpoint import load_checkpoint
-from prefixcap.language_models import load_language_model
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
-from prefixcap.train import train
-from prefixcap.train_cli import main, parse_config
+import prefixcap.train.run as train_module
+from prefixcap.model.adapters import ADAPTER_DIR, LORA_TARGETS, AdapterError, resolve_settings
+from prefixcap.train.checkpoint import load_checkpoint
+from prefixcap.model.language_models import load_language_model
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.train.run import train
+from prefixcap.train.cli import main, parse_config
 
 K = 4
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap import metrics as M
+import prefixcap.evaluate.metrics as M
 
 needs_java = pytest.mark.skipif(not M.java_available(), reason="java is not on PATH")
 
@@ -148,7 +148,7 @@ def test_clip_score_formula_by_hand():
 def test_clip_score_matches_direct_transformers_computation(tiny_clip):
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 36, 3), dtype=np.uint8)) for i in range(3)]
@@ -186,7 +186,7 @@ def test_clip_score_matches_direct_transformers_computation(tiny_clip):
 
 
 def test_encode_images_marks_unreadable_files(tiny_clip, tmp_path):
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     good = tmp_path / "good.png"
     Image.new("RGB", (20, 20), "red").save(good)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixcap.language_models import load_language_model, load_tokenizer
-from prefixcap.mapping import MappingConfig, build_mapper
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.language_models import load_language_model, load_tokenizer
+from prefixcap.model.mapping import MappingConfig, build_mapper
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 
 def _count(module: torch.nn.Module) -> int:

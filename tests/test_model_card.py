@@ -5,11 +5,11 @@ from __future__ import annotations
 from huggingface_hub import ModelCard
 from helpers_data import make_dataset
 
-from prefixcap.adapters import LoraSettings
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
-from prefixcap.model_card import evaluation_summary, render_card
-from prefixcap.train_cli import main as train_main
+from prefixcap.model.adapters import LoraSettings
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.model.card import evaluation_summary, render_card
+from prefixcap.train.cli import main as train_main
 
 
 def _card(text: str) -> ModelCard:

@@ -16,10 +16,10 @@ from prep_helpers import image_bytes, simple_webdataset
 
 from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
-from prefixcap.mapping import MappingConfig, build_mapper, with_token_input
-from prefixcap.patch_tokens import num_tokens, pool_patch_tokens
-from prefixcap.preprocess_cli import main as preprocess_main
-from prefixcap.train_cli import main as train_main
+from prefixcap.model.mapping import MappingConfig, build_mapper, with_token_input
+from prefixcap.model.patch_tokens import num_tokens, pool_patch_tokens
+from prefixcap.preprocess.cli import main as preprocess_main
+from prefixcap.train.cli import main as train_main
 
 SIZE = (40, 30)
 POOL = 2
@@ -64,7 +64,7 @@ def test_pooling_averages_blocks_keeps_cls_and_handles_odd_grids():
 
 
 def test_encoder_tokens_start_with_the_pooled_embedding(tiny_clip):
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     encoder = load_encoder(tiny_clip)
     pixels = torch.from_numpy(np.stack([encoder.preprocessor()(im) for im in list(_images(Path("."))
@@ -81,7 +81,7 @@ def test_encoder_tokens_start_with_the_pooled_embedding(tiny_clip):
 
 # --- preprocessing ------------------------------------------------------------------------
 def test_preprocess_stores_float16_tokens_and_records_them(token_data, tiny_clip, capsys):
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     _, out = token_data
     data = load_preprocessed(out)
@@ -183,7 +183,7 @@ def test_token_mapper_needs_a_dataset_with_tokens():
 
 @pytest.mark.parametrize("mapping_type", ["transformer_tokens", "projector"])
 def test_token_model_saves_and_loads(mapping_type, tiny_gpt2, tmp_path):
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     torch.manual_seed(0)
     config = CaptionConfig(clip_model="tiny", language_model=tiny_gpt2, mapping=_token_cfg(mapping_type),
@@ -260,8 +260,8 @@ def test_token_mapper_on_pooled_only_data_is_refused(tmp_path, tiny_clip, tiny_g
 
 # --- captioning ---------------------------------------------------------------------------
 def test_captions_from_images_equal_captions_from_stored_tokens(token_data, tmp_path, tiny_clip):
-    from prefixcap.caption import Captioner
-    from prefixcap.caption_cli import main as caption_main
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.caption.cli import main as caption_main
 
     work, data_dir = token_data
     assert train_main(_train_argv(data_dir, tmp_path / "m", "transformer_tokens", "--epochs", "5", "--lr", "1e-2",
@@ -320,8 +320,8 @@ def test_scene_captions_parse_back_and_wrong_ones_are_caught():
 
 def test_evaluate_on_a_preprocessed_dataset_feeds_a_token_model_its_stored_tokens(token_data, tmp_path, tiny_clip,
                                                                                  capsys):
-    from prefixcap.caption import Captioner
-    from prefixcap.evaluate_cli import main as evaluate_main
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.evaluate.cli import main as evaluate_main
 
     _, data_dir = token_data
     assert train_main(_train_argv(data_dir, tmp_path / "m", "transformer_tokens", "--epochs", "2", "--lr", "1e-2",
@@ -340,8 +340,8 @@ def test_evaluate_on_a_preprocessed_dataset_feeds_a_token_model_its_stored_token
 
 
 def test_evaluate_refuses_a_token_model_on_pooled_only_data(tmp_path, tiny_clip, tiny_gpt2, capsys):
-    from prefixcap.evaluate_cli import main as evaluate_main
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.evaluate.cli import main as evaluate_main
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     simple_webdataset(tmp_path / "wds", num_tars=1, per_tar=2, size=SIZE)
     assert preprocess_main(_pre_args(tmp_path / "wds", tmp_path / "pre", tiny_clip, tiny_gpt2)) == 0

@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from prefixcap.caption import Captioner, ImageInputError
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
-from prefixcap.pipeline import (EmbeddingWidthError, Item, PipelineOptions, call_with_fallback, caption_batches,
+from prefixcap.caption.captioner import Captioner, ImageInputError
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.caption.pipeline import (EmbeddingWidthError, Item, PipelineOptions, call_with_fallback, caption_batches,
                                 caption_items)
 
 C = 16

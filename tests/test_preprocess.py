@@ -18,7 +18,7 @@ import torch
 
 from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
-from prefixcap.preprocess_cli import main
+from prefixcap.preprocess.cli import main
 from prep_helpers import awkward_images, fork_main, image_bytes, simple_webdataset, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def reference_embeddings(clip, images: dict[str, bytes]) -> dict[str, np.ndarray
 
     from PIL import Image
 
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     encoder = load_encoder(clip, device="cpu")
     pre = encoder.preprocessor()

@@ -157,7 +157,9 @@ def test_bad_arguments_fail_at_once(tmp_path):
 
 
 def test_reader_flags_parse_to_the_same_options_in_every_cli():
-    from prefixcap import caption_cli, evaluate_cli, preprocess_cli
+    from prefixcap.caption import cli as caption_cli
+    from prefixcap.evaluate import cli as evaluate_cli
+    from prefixcap.preprocess import cli as preprocess_cli
     from prefixcap.data.readers import READER_FLAGS
 
     shared = ["--wds_image_key", "png;jpg", "--image_column", "path", "--caption_column", "text",

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from prefixcap.caption import Captioner
-from prefixcap.caption_cli import main
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
-from prefixcap.pipeline import Item, PipelineOptions, caption_items
+from prefixcap.caption.captioner import Captioner
+from prefixcap.caption.cli import main
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.caption.pipeline import Item, PipelineOptions, caption_items
 from prep_helpers import fork_main, image_bytes, write_tar
 
 C = 16

@@ -398,8 +398,8 @@ def test_request_timeout_is_503_and_frees_the_queue():
 # --- the real captioner from tiny models --------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_clip, tiny_gpt2, tmp_path_factory) -> str:
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     model = CaptionModel(CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2, lm_family="causal",
                                        mapping=MappingConfig("mlp", prefix_size=16, lm_dim=32, prefix_length=4)))
@@ -408,7 +408,7 @@ def tiny_artifact(tiny_clip, tiny_gpt2, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_captioner(tiny_artifact):
-    from prefixcap.caption import Captioner
+    from prefixcap.caption.captioner import Captioner
 
     return Captioner.from_pretrained(tiny_artifact, device="cpu")
 

@@ -54,9 +54,9 @@ def png_bytes(image: Image.Image) -> bytes:
 
 @pytest.fixture(scope="module")
 def captioner(tiny_clip, tiny_gpt2, tmp_path_factory):
-    from prefixcap.caption import Captioner
-    from prefixcap.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.caption.captioner import Captioner
+    from prefixcap.model.mapping import MappingConfig
+    from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
     model = CaptionModel(CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2, lm_family="causal",
                                        mapping=MappingConfig("mlp", prefix_size=16, lm_dim=32, prefix_length=4)))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from prefixcap.data.runner import (
+from prefixcap.preprocess.runner import (
     _rank_marker, _unit_progress, check_settings, parse_shard_name, shard_name,
     try_write_manifest,
 )

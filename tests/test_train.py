@@ -16,7 +16,7 @@ import torch
 from helpers_data import make_dataset
 from safetensors.torch import load_file
 
-from prefixcap.checkpoint import load_checkpoint
+from prefixcap.train.checkpoint import load_checkpoint
 from prefixcap.data.loader import (
     CaptionDataset,
     LengthGroupedBatchSampler,
@@ -26,9 +26,9 @@ from prefixcap.data.loader import (
     split_by_image,
 )
 from prefixcap.data.shards import load_preprocessed
-from prefixcap.model import CaptionModel
-from prefixcap.train import TrainConfig, train
-from prefixcap.train_cli import main, parse_config
+from prefixcap.model.captioning import CaptionModel
+from prefixcap.train.run import TrainConfig, train
+from prefixcap.train.cli import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 K = 4  # prefix length the test datasets were "preprocessed" with

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prefixcap.caption import Captioner
+from prefixcap.caption.captioner import Captioner
 from prefixcap.generation import GenerationSettings
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 K, C = 4, 16
 MAX_NEW = 10
@@ -136,13 +136,13 @@ def test_max_new_tokens_is_cut_to_the_lms_positions_after_the_prefix(cap, emb, m
     uncut = _tokens(cap, emb)
     assert max(len(t) for t in uncut) > 6
     monkeypatch.setattr(cap.model.lm.config, "n_positions", K + 6)  # room for 6 new tokens
-    with caplog.at_level("WARNING", logger="prefixcap.caption"):
+    with caplog.at_level("WARNING", logger="prefixcap.caption.captioner"):
         asked = cap.generate(emb, GenerationSettings(max_new_tokens=MAX_NEW)).tokens
     assert [r.getMessage() for r in caplog.records] == [
         f"max_new_tokens={MAX_NEW} does not fit the LM's {K + 6} positions after the {K}-token prefix; using 6"]
     assert max(len(t) for t in asked) == 6
     caplog.clear()
-    with caplog.at_level("WARNING", logger="prefixcap.caption"):
+    with caplog.at_level("WARNING", logger="prefixcap.caption.captioner"):
         exact = cap.generate(emb, GenerationSettings(max_new_tokens=6)).tokens  # fits exactly: no cut, no warning
         default = cap.generate(emb, GenerationSettings()).tokens  # the model's default (10) is cut silently
     assert caplog.records == []

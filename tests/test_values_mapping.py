@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from prefixcap.mapping import (MAPPERS, MappingConfig, MLPMapper, TokenProjector, TokenTransformerMapper,
+from prefixcap.model.mapping import (MAPPERS, MappingConfig, MLPMapper, TokenProjector, TokenTransformerMapper,
                                TransformerMapper, build_mapper, with_token_input)
 
 

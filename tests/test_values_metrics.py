@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from prefixcap import metrics as M
+import prefixcap.evaluate.metrics as M
 
 # Deliberately not in sorted order, and the references in yet another order.
 PREDICTIONS = {"b": "A Dog Runs On The Grass", "a": "Blue Sky", "c": "Two Cats"}

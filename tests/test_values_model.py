@@ -19,8 +19,8 @@ from transformers import (  # imported at collection, so mutmut's forked test ru
     GPT2LMHeadModel,
 )
 
-from prefixcap.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel, _needs_full_logits
+from prefixcap.model.mapping import MappingConfig
+from prefixcap.model.captioning import CaptionConfig, CaptionModel, _needs_full_logits
 
 K = 3
 C = 6
@@ -132,7 +132,7 @@ def test_config_from_an_older_artifact_without_mapping_or_lora_keys_gets_the_def
 
 
 def test_config_round_trip_keeps_lora_settings_as_their_type():
-    from prefixcap.adapters import LoraSettings
+    from prefixcap.model.adapters import LoraSettings
 
     lora = LoraSettings(rank=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"])
     cfg = CaptionConfig(language_model="x", mapping=MappingConfig("transformer", prefix_length=5, clip_length=3),
@@ -149,7 +149,7 @@ def test_config_with_unknown_keys_is_refused_naming_them():
 
 
 def test_lora_with_a_frozen_lm_is_refused():
-    from prefixcap.adapters import LoraSettings
+    from prefixcap.model.adapters import LoraSettings
 
     config = CaptionConfig(language_model="gpt2", only_prefix=True, lora=LoraSettings(rank=2),
                            mapping=MappingConfig("mlp", prefix_size=C, prefix_length=K))
@@ -159,7 +159,7 @@ def test_lora_with_a_frozen_lm_is_refused():
 
 
 def test_hub_keywords_reach_the_lm_and_tokenizer_loaders(monkeypatch):
-    import prefixcap.model as model_module
+    import prefixcap.model.captioning as model_module
 
     seen = {}
 
@@ -185,7 +185,7 @@ def test_hub_keywords_reach_the_lm_and_tokenizer_loaders(monkeypatch):
 def test_lora_model_wraps_its_own_lm_and_loads_a_saved_adapter(tmp_path):
     from peft import PeftModel
 
-    from prefixcap.adapters import LoraSettings, lora_parameters
+    from prefixcap.model.adapters import LoraSettings, lora_parameters
 
     settings = LoraSettings(rank=2, alpha=4.0, dropout=0.0, target_modules=["c_attn"])
     config = CaptionConfig(language_model="gpt2", lora=settings,
@@ -251,7 +251,7 @@ def _lm_trainable(model: CaptionModel) -> set[str]:
 
 
 def test_only_the_adapter_trains_in_the_lm_with_lora_and_nothing_when_frozen():
-    from prefixcap.adapters import LoraSettings
+    from prefixcap.model.adapters import LoraSettings
 
     config = CaptionConfig(language_model="gpt2", lora=LoraSettings(rank=2, alpha=4.0, dropout=0.0,
                                                                    target_modules=["c_attn", "c_proj"]),

@@ -19,11 +19,11 @@ import torch
 from helpers_data import make_dataset
 from safetensors.torch import load_file
 
-from prefixcap.checkpoint import load_checkpoint
+from prefixcap.train.checkpoint import load_checkpoint
 from prefixcap.data.loader import CaptionDataset, LengthGroupedBatchSampler, collate, split_by_image
-from prefixcap.model import CaptionModel
-from prefixcap.train import train
-from prefixcap.train_cli import parse_config
+from prefixcap.model.captioning import CaptionModel
+from prefixcap.train.run import train
+from prefixcap.train.cli import parse_config
 
 K = 4
 SEED = 3
@@ -51,7 +51,7 @@ class _Killed(Exception):
 
 def _train_killed_after_save(argv: list[str], monkeypatch, when) -> None:
     """Train, dying right after the first `_latest` save for which `when(state)` holds."""
-    from prefixcap import train as train_module
+    import prefixcap.train.run as train_module
 
     save = train_module._Trainer._save
 
@@ -151,8 +151,8 @@ def test_clipping_bites_and_resume_through_it_is_bit_identical(data, tmp_path, m
 
 
 def test_validation_cider_is_computed_not_unavailable(data, tmp_path, capsys, monkeypatch):
-    from prefixcap import evaluate as evaluate_module
-    from prefixcap.caption import Captioner
+    import prefixcap.evaluate.run as evaluate_module
+    from prefixcap.caption.captioner import Captioner
     from prefixcap.data.shards import load_preprocessed
 
     calls = []
@@ -201,7 +201,7 @@ def test_no_cider_when_not_asked_or_nothing_to_caption_and_no_notice(data, tmp_p
 
 
 def test_group_seed_depends_on_seed_rank_and_step_and_fits_torch():
-    from prefixcap.train import _group_seed
+    from prefixcap.train.run import _group_seed
 
     seeds = {_group_seed(s, r, t) for s in (0, 42) for r in (0, 1) for t in range(50)}
     assert len(seeds) == 200
@@ -210,7 +210,7 @@ def test_group_seed_depends_on_seed_rank_and_step_and_fits_torch():
 
 
 def test_failing_cider_is_one_notice_and_training_goes_on(data, tmp_path, capsys, monkeypatch):
-    from prefixcap import evaluate as evaluate_module
+    import prefixcap.evaluate.run as evaluate_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("scorer exploded")
@@ -261,7 +261,7 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(data, tmp_path, capsys
 
 def _spy_micro_batches(monkeypatch) -> list[tuple[float, int]]:
     """(loss, torch.initial_seed()) of every micro-batch's forward, in training order."""
-    from prefixcap.model import CaptionModel
+    from prefixcap.model.captioning import CaptionModel
 
     seen: list[tuple[float, int]] = []
     forward = CaptionModel.forward
@@ -317,7 +317,7 @@ def test_losses_logged_and_per_epoch_are_means_of_the_micro_batch_losses(data, t
     import time
     from dataclasses import asdict
 
-    from prefixcap.train import _group_seed
+    from prefixcap.train.run import _group_seed
 
     calls = _stub_tracker(monkeypatch)
     seen = _spy_micro_batches(monkeypatch)
@@ -414,7 +414,7 @@ def test_a_validation_image_that_fails_to_caption_is_named_in_the_one_notice(dat
     """A failed item is never scored as an empty caption: CIDEr is skipped with the image and the reason."""
     from dataclasses import replace
 
-    from prefixcap import pipeline
+    import prefixcap.caption.pipeline as pipeline
 
     real = pipeline.caption_items
 

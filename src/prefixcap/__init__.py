@@ -10,9 +10,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_preprocessed": "prefixcap.data.shards",
     "PreprocessedDataset": "prefixcap.data.shards",
-    "CaptionModel": "prefixcap.model",
-    "CaptionConfig": "prefixcap.model",
-    "Captioner": "prefixcap.caption",
+    "CaptionModel": "prefixcap.model.captioning",
+    "CaptionConfig": "prefixcap.model.captioning",
+    "Captioner": "prefixcap.caption.captioner",
 }
 
 

@@ -9,12 +9,12 @@ from importlib import import_module
 # `main(argv: list[str] | None) -> int` that parses its own flags, so `train.py` and
 # `create_dataset.py` at the repository root can reuse exactly the same parsers.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("prefixcap.preprocess_cli", "encode images with CLIP and tokenize captions into shards"),
-    "train": ("prefixcap.train_cli", "train the mapping network (and optionally the LM)"),
-    "caption": ("prefixcap.caption_cli", "caption images, folders, shards or embeddings"),
-    "evaluate": ("prefixcap.evaluate_cli", "COCO caption metrics and CLIPScore"),
+    "preprocess": ("prefixcap.preprocess.cli", "encode images with CLIP and tokenize captions into shards"),
+    "train": ("prefixcap.train.cli", "train the mapping network (and optionally the LM)"),
+    "caption": ("prefixcap.caption.cli", "caption images, folders, shards or embeddings"),
+    "evaluate": ("prefixcap.evaluate.cli", "COCO caption metrics and CLIPScore"),
     "serve": ("prefixcap.serve.cli", "HTTP captioning service with a web page"),
-    "push": ("prefixcap.push_cli", "upload a trained model with its model card to the Hugging Face Hub"),
+    "push": ("prefixcap.model.push_cli", "upload a trained model with its model card to the Hugging Face Hub"),
     "demo": ("prefixcap.demo.cli", "offline end-to-end demo on a synthetic dataset"),
 }
 

@@ -77,7 +77,7 @@ def select_devices(gpu_devices: str | None, prog: str = "prefixcap train") -> tu
     return False, min(found, len(ids))
 
 
-def relaunch(argv: list[str], nproc: int, module: str = "prefixcap.train_cli", prog: str = "prefixcap train") -> int:
+def relaunch(argv: list[str], nproc: int, module: str = "prefixcap.train.cli", prog: str = "prefixcap train") -> int:
     """Several GPUs asked for without a launcher: rerun `python -m module argv` under torchrun, one process each."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *argv]

@@ -38,3 +38,8 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, PrefixcapError):
         return error.exit_code
     return EXIT_RUNTIME
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first message line (its type name when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

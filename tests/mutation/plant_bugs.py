@@ -78,9 +78,9 @@ BUGS = [
         "self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)", "pass",
         (V + "train.py",)),
     Bug("cider_raises", "validation CIDEr raising during training", "train.py",
-        "        try:\n            import numpy as np\n\n            from prefixcap.caption import Captioner",
+        "        try:\n            import numpy as np\n\n            from prefixcap.caption.captioner import Captioner",
         "        try:\n            raise RuntimeError('planted')\n            import numpy as np\n\n"
-        "            from prefixcap.caption import Captioner", (V + "train.py",)),
+        "            from prefixcap.caption.captioner import Captioner", (V + "train.py",)),
     Bug("tokenizer_no_lower", "simple caption tokenizer no longer lower-cases", "metrics.py",
         '" ".join(_SIMPLE_TOKEN.findall(c.lower()))', '" ".join(_SIMPLE_TOKEN.findall(c))', (V + "metrics.py",)),
     Bug("per_image_sorted", "per-image scores attached in sorted key order", "metrics.py",

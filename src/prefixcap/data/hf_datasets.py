@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prefixcap.errors import first_line
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, Record
 
 # Tried in order when --image_column / --caption_column are left at their (table-oriented) defaults.
@@ -16,10 +17,6 @@ IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "file_name", "filep
 CAPTION_COLUMNS = ("caption", "captions", "text", "sentences", "sentences_raw")
 _CAPTION_FIELDS = ("raw", "caption", "text")  # captions given as dicts, e.g. Karpathy-style {"raw": ...}
 _ROWS_PER_READ = 64  # rows sliced from an Arrow table at once: bounded memory with inline image bytes
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _is_saved_to_disk(path: Path) -> bool:
@@ -121,7 +118,7 @@ class HFDatasetReader:
             raise
         except (ValueError, OSError, ConnectionError, ImportError) as err:
             raise InputError(f"--input_dataset {item!r}: cannot load it as a Hugging Face dataset "
-                             f"({_first_line(err)})") from err
+                             f"({first_line(err)})") from err
 
     def _column(self, flag: str, given: str | None, default: str | None, candidates: tuple[str, ...],
                 columns: list[str] | None, item: str) -> str | None:

@@ -78,7 +78,7 @@ def _set_threads(num_threads: int | None) -> None:
 def _image_processor(folder: str | Path):
     from transformers import AutoImageProcessor
 
-    from prefixcap.encoders import _image_processor_kwargs
+    from prefixcap.model.encoders import _image_processor_kwargs
 
     return AutoImageProcessor.from_pretrained(str(folder), **_image_processor_kwargs())
 
@@ -284,7 +284,7 @@ def probe_attributes(encoder, train: Sequence[tuple[Image.Image, Sequence[str]]]
     encoder: a loaded encoder or a model name/folder for load_encoder. train/test: (image,
     attributes) pairs, attributes in the order of names (synthetic.Attributes fits).
     """
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     if isinstance(encoder, (str, Path)):
         encoder = load_encoder(str(encoder))

@@ -20,11 +20,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence
 
 from prefixcap.generation import GenerationSettings
-from prefixcap.pipeline import call_with_fallback
+from prefixcap.caption.pipeline import call_with_fallback
 
 
 class Captioner(Protocol):
-    """What the batcher needs from a captioner (prefixcap.caption.Captioner provides it)."""
+    """What the batcher needs from a captioner (prefixcap.caption.captioner.Captioner provides it)."""
 
     def caption(self, images: Sequence[Any], batch_size: int, settings: GenerationSettings
                 ) -> list[str] | list[list[str]]:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_and_serve(config: ServeConfig, sock) -> int:
     from PIL import Image
 
-    from prefixcap.caption import Captioner as PrefixCaptioner
+    from prefixcap.caption.captioner import Captioner as PrefixCaptioner
     from prefixcap.serve.app import create_app
     from prefixcap.serve.http import run_server
     from prefixcap.serve.memory import tune_malloc

@@ -1,7 +1,7 @@
 """The preprocess stage's library: encode images with CLIP and tokenize captions into shards.
 
 `run_preprocess(PreprocessConfig(...))` runs this process's rank and returns a RunSummary;
-`prefixcap preprocess` / the seed's `create_dataset.py` (prefixcap.preprocess_cli) is its command line.
+`prefixcap preprocess` / the seed's `create_dataset.py` (prefixcap.preprocess.cli) is its command line.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class PreprocessConfig:
     jpeg_draft: bool = False
     progress: bool = True
     overwrite: bool = False  # delete the folder's previous dataset (settings, shards, manifest) first
-    store_patch_tokens: bool = False  # also store the encoder's final patch tokens (prefixcap.patch_tokens)
+    store_patch_tokens: bool = False  # also store the encoder's final patch tokens (prefixcap.model.patch_tokens)
     patch_pool: int = 1  # P x P average pooling of the stored patch grid (CLS kept)
 
 
@@ -55,7 +55,7 @@ def clear_output(folder: str) -> int:
     import shutil
     from pathlib import Path
 
-    from prefixcap.data.runner import PROGRESS_DIR
+    from prefixcap.preprocess.runner import PROGRESS_DIR
     from prefixcap.data.shards import MANIFEST, SETTINGS, SHARD_DIR
 
     removed = 0
@@ -83,8 +83,8 @@ def _distributed() -> tuple[int, int]:
 def run_preprocess(cfg: PreprocessConfig):
     """Library entry point: validate, load the tokenizer and encoder, run this rank; returns a RunSummary."""
     from prefixcap import __version__
-    from prefixcap.data.runner import RunConfig, Runner
-    from prefixcap.language_models import family_of_type, load_tokenizer, tokenizer_fingerprint
+    from prefixcap.preprocess.runner import RunConfig, Runner
+    from prefixcap.model.language_models import family_of_type, load_tokenizer, tokenizer_fingerprint
 
     rank, world = _distributed()
     if not cfg.progress:  # --no_progress hides the weight-loading bars of transformers too
@@ -100,12 +100,12 @@ def run_preprocess(cfg: PreprocessConfig):
     tokenizer = load_tokenizer(cfg.tokenizer_model_variant)
     encoder = None
     if cfg.input_format == "embeddings":
-        from prefixcap.encoders import resolve_encoder
+        from prefixcap.model.encoders import resolve_encoder
 
         resolve_encoder(cfg.clip_model)  # validated, recorded; the embeddings are already computed
         encoder_name, embedding_dim = cfg.clip_model, int(reader.dim)
     else:
-        from prefixcap.encoders import load_encoder
+        from prefixcap.model.encoders import load_encoder
 
         device = resolve_device(cfg.device, PROG)
         encoder = load_encoder(cfg.clip_model, device=device)
@@ -160,7 +160,7 @@ def _patch_token_record(cfg: PreprocessConfig, encoder: Any) -> dict[str, Any] |
         return None
     if encoder is None:
         raise InputError("--store_patch_tokens needs images: --input_format embeddings holds pooled vectors only")
-    from prefixcap.patch_tokens import TOKEN_SOURCE, PatchTokensUnsupportedError
+    from prefixcap.model.patch_tokens import TOKEN_SOURCE, PatchTokensUnsupportedError
 
     shape = getattr(encoder, "patch_token_shape", None)
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 from prefixcap.data.images import IMAGE_EXTENSIONS
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
 from prefixcap.errors import UsageError
-from prefixcap.pipeline import Item
+from prefixcap.caption.pipeline import Item
 
 GLOB_CHARS = set("*?[")
 # Extensions that name a dataset format in --input_format auto.

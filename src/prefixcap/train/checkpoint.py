@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from prefixcap.model import CaptionModel, _swap_into_place, resolve_artifact
+from prefixcap.model.captioning import CaptionModel, _swap_into_place, resolve_artifact
 
 TRAINING_STATE = "training_state"
 TRAINER_JSON = "trainer.json"

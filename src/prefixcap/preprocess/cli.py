@@ -14,12 +14,12 @@ from typing import Any
 from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
 from prefixcap.data.decode import CONVERSIONS, SKIP_REASONS
 from prefixcap.data.readers import READERS, InputError, ReaderOptions, add_reader_args, reader_options_from_args
-from prefixcap.preprocess import PROG, PreprocessConfig, run_preprocess
+from prefixcap.preprocess.run import PROG, PreprocessConfig, run_preprocess
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The one parser behind `prefixcap preprocess` and the root create_dataset.py."""
-    from prefixcap.language_models import MODEL_TYPES
+    from prefixcap.model.language_models import MODEL_TYPES
 
     d = PreprocessConfig()
     p = argparse.ArgumentParser(prog=prog, description="encode images with CLIP and tokenize captions into shards.",
@@ -89,7 +89,7 @@ def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
                                               for name, n in manifest.converted.items()))
         out.append(f"  captions truncated to {manifest.max_token_length} tokens: {manifest.num_truncated}")
         if manifest.patch_tokens:
-            from prefixcap.patch_tokens import describe_storage
+            from prefixcap.model.patch_tokens import describe_storage
 
             out.append("  " + describe_storage(manifest.patch_tokens, manifest.num_images))
     print("\n".join(out))
@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Exit status: 0 done, 2 a refused input/flag/folder, 1 nothing usable or a busy folder, 130 Ctrl-C."""
     cfg = parse_config(argv, prog)
     from prefixcap.cli_logging import library_messages_on_stderr
-    from prefixcap.data.runner import NoUsableSamplesError
+    from prefixcap.preprocess.runner import NoUsableSamplesError
     from prefixcap.data.shards import SettingsMismatchError
-    from prefixcap.encoders import UnknownEncoderError
+    from prefixcap.model.encoders import UnknownEncoderError
     from prefixcap.errors import PrefixcapError, exit_code_for
-    from prefixcap.language_models import LanguageModelError
+    from prefixcap.model.language_models import LanguageModelError
     from prefixcap.locking import OutputLockedError
 
     try:

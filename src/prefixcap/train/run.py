@@ -1,7 +1,7 @@
 """The train stage's library: fit the mapping network (and optionally the LM) on a preprocessed dataset.
 
 `train(TrainConfig(...))` runs one training run and returns a `TrainResult`; `prefixcap train`
-(prefixcap.train_cli) is its command line. One code path (Hugging Face Accelerate) runs on the CPU,
+(prefixcap.train.cli) is its command line. One code path (Hugging Face Accelerate) runs on the CPU,
 one GPU, several GPUs or nodes (`accelerate launch` / `torchrun`) and under DeepSpeed ZeRO.
 Progress lines go through the accelerator's main-process print; notices are logged.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prefixcap.devices import relaunch, select_devices, under_launcher
-from prefixcap.errors import PrefixcapError, UsageError
+from prefixcap.errors import PrefixcapError, UsageError, first_line
 
 if TYPE_CHECKING:  # the data stack is imported only when a run starts
     from prefixcap.data.shards import Manifest
@@ -139,11 +139,6 @@ def _group_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def first_line(err: BaseException) -> str:
-    """An exception's first message line (its type name when it has none), for one-line errors."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _check_data_dir(cfg: TrainConfig) -> None:
     folder = Path(cfg.data_dir)
     if not folder.exists():
@@ -176,7 +171,7 @@ def _check_validation_flags(cfg: TrainConfig) -> None:
 
 def _features(cfg: TrainConfig) -> str:
     """What the mapper reads from the shards: the pooled embedding or the patch tokens."""
-    from prefixcap.mapping import TOKEN_MAPPERS
+    from prefixcap.model.mapping import TOKEN_MAPPERS
 
     return "patch_tokens" if cfg.mapping_type in TOKEN_MAPPERS else "embedding"
 
@@ -363,7 +358,7 @@ class _Trainer:
 
     def _find_resume_point(self, num_train_captions: int) -> None:
         """self.run_config (what a resume must match) and self.resume_from (the checkpoint, or None)."""
-        from prefixcap.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
+        from prefixcap.train.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
 
         cfg = self.cfg
         self.run_config = {**{k: v for k, v in asdict(cfg).items() if k not in {"hf_kwargs", "resume"}},
@@ -384,7 +379,7 @@ class _Trainer:
         """The CaptionModel, new or from the resume checkpoint (seeded: identical on every rank)."""
         import torch
 
-        from prefixcap.train_setup import card_info, resolve_model
+        from prefixcap.train.setup import card_info, resolve_model
 
         cfg = self.cfg
         # The mapper's initialisation draws from the seeded RNG, identically on every rank.
@@ -407,8 +402,8 @@ class _Trainer:
         return model
 
     def _load_resumed_model(self, config):
-        from prefixcap.language_models import LanguageModelError
-        from prefixcap.model import CaptionModel
+        from prefixcap.model.language_models import LanguageModelError
+        from prefixcap.model.captioning import CaptionModel
 
         try:
             model = CaptionModel.from_pretrained(self.resume_from.path, **self.cfg.hf_kwargs)
@@ -419,13 +414,13 @@ class _Trainer:
         return model
 
     def _new_model(self, config, lm, tokenizer):
-        from prefixcap.model import CaptionModel
+        from prefixcap.model.captioning import CaptionModel
 
         model = CaptionModel(config, lm=lm, tokenizer=tokenizer)
         if self.resume_from is not None:  # frozen LM: only the mapper was trained
             from safetensors.torch import load_file
 
-            from prefixcap.model import MAPPER_WEIGHTS
+            from prefixcap.model.captioning import MAPPER_WEIGHTS
 
             model.mapper.load_state_dict(load_file(self.resume_from.path / MAPPER_WEIGHTS))
         return model
@@ -463,7 +458,7 @@ class _Trainer:
 
     def _restore_state(self) -> None:
         """self.state; on resume: optimizer, scheduler and (main process) RNG states from the checkpoint."""
-        from prefixcap.checkpoint import TrainingState, restore_rng_states
+        from prefixcap.train.checkpoint import TrainingState, restore_rng_states
 
         cfg, acc = self.cfg, self.accelerator
         self.state = TrainingState()
@@ -501,7 +496,7 @@ class _Trainer:
     # --- checks ---------------------------------------------------------------------------
     def _check_previous_run(self, out: Path) -> None:
         """Refuse to mix two runs' checkpoints in one folder: --resume continues, --overwrite_output_dir restarts."""
-        from prefixcap.checkpoint import previous_run_files
+        from prefixcap.train.checkpoint import previous_run_files
 
         cfg, acc = self.cfg, self.accelerator
         found = previous_run_files(out, cfg.output_filename_prefix)
@@ -548,7 +543,7 @@ class _Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def _save(self, tag: str | int) -> None:
-        from prefixcap.checkpoint import checkpoint_path, save_checkpoint
+        from prefixcap.train.checkpoint import checkpoint_path, save_checkpoint
 
         path = checkpoint_path(self.cfg.output_dir, self.cfg.output_filename_prefix, tag)
         model = self._unwrapped()
@@ -580,7 +575,7 @@ class _Trainer:
             return
         import shutil
 
-        from prefixcap.checkpoint import epoch_checkpoints
+        from prefixcap.train.checkpoint import epoch_checkpoints
 
         for _, path in epoch_checkpoints(self.cfg.output_dir, self.cfg.output_filename_prefix)[:-limit]:
             shutil.rmtree(path, ignore_errors=True)
@@ -618,9 +613,9 @@ class _Trainer:
         try:
             import numpy as np
 
-            from prefixcap.caption import Captioner
-            from prefixcap.evaluate import evaluate_predictions
-            from prefixcap.pipeline import Item, PipelineOptions, caption_items
+            from prefixcap.caption.captioner import Captioner
+            from prefixcap.evaluate.run import evaluate_predictions
+            from prefixcap.caption.pipeline import Item, PipelineOptions, caption_items
 
             data = self.val_data.data
             images = data.caption_image_indices()[self.val_idx]
@@ -818,8 +813,8 @@ class _Trainer:
 
     def _push(self) -> None:
         """--push_to_hub: upload the final model (training state excluded) with the standard client."""
-        from prefixcap.checkpoint import checkpoint_path
-        from prefixcap.hub import upload_artifact
+        from prefixcap.train.checkpoint import checkpoint_path
+        from prefixcap.model.hub import upload_artifact
 
         final = checkpoint_path(self.cfg.output_dir, self.cfg.output_filename_prefix, "final")
         try:

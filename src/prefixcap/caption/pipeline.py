@@ -23,7 +23,7 @@ import torch
 from prefixcap.errors import PrefixcapError
 
 if TYPE_CHECKING:
-    from prefixcap.caption import Captioner
+    from prefixcap.caption.captioner import Captioner
     from prefixcap.generation import GenerationSettings
 
 logger = logging.getLogger(__name__)

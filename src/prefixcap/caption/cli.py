@@ -6,8 +6,8 @@ With --output (or stdout) every input item gives exactly one output line, in inp
   {"key": ..., "caption": "...", "score": -0.81}      (--scores)
   {"key": ..., "error": "truncated: image data ends early"}   (a broken input; the run goes on)
 With --output_dir every input shard gives one output shard (--output_format jsonl, parquet or
-webdataset), resumable and split over the ranks of torchrun: see prefixcap.recaption.
-Inputs are read by prefixcap.caption_inputs and captioned by prefixcap.pipeline; this module parses
+webdataset), resumable and split over the ranks of torchrun: see prefixcap.caption.sharded.
+Inputs are read by prefixcap.caption.inputs and captioned by prefixcap.caption.pipeline; this module parses
 flags and writes the lines. Exit codes: 0 when something was captioned, 1 when nothing could be
 (every input failed, or embeddings of the wrong width), 2 for a wrong command line, 130 on Ctrl-C.
 """
@@ -27,14 +27,14 @@ from typing import Any, TextIO
 
 import torch
 
-from prefixcap.caption import Captioner
-from prefixcap.caption_inputs import FORMATS, CaptionInputError, CaptionInputs, count_items, iter_items, needs_encoder
-from prefixcap.caption_writers import OUTPUT_FORMATS, WriterOptions, caption_member_problem, result_row
+from prefixcap.caption.captioner import Captioner
+from prefixcap.caption.inputs import FORMATS, CaptionInputError, CaptionInputs, count_items, iter_items, needs_encoder
+from prefixcap.caption.writers import OUTPUT_FORMATS, WriterOptions, caption_member_problem, result_row
 from prefixcap.data.readers import add_reader_args, reader_options_from_args
 from prefixcap.errors import UsageError
 from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
-from prefixcap.pipeline import EmbeddingWidthError, Item, PipelineOptions, caption_batches
-from prefixcap.recaption import ShardOutputOptions
+from prefixcap.caption.pipeline import EmbeddingWidthError, Item, PipelineOptions, caption_batches
+from prefixcap.caption.sharded import ShardOutputOptions
 
 PROG = "prefixcap caption"
 # The reader flags `caption` offers (captions are not read, so no caption-source flags), and its defaults.
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 # --------------------------------------------------------------------------- --output_dir: shards
 def folder_settings(job: CaptionJob) -> dict[str, Any]:
     """What decides the captions of an output folder: a rerun must ask for the same (see recaption.check_settings)."""
-    from prefixcap.recaption import model_fingerprint
+    from prefixcap.caption.sharded import model_fingerprint
 
     settings = job.pipeline.settings or GenerationSettings()
     local = Path(job.model).is_dir()
@@ -291,7 +291,7 @@ class ModelLoadError(UsageError):
 def main_shards(job: CaptionJob) -> int:
     """`caption --output_dir`: this rank's unfinished shards; exit 0, 1 (nothing captioned), 2 or 130."""
     from prefixcap.locking import OutputLockedError
-    from prefixcap.recaption import make_plan, run_recaption
+    from prefixcap.caption.sharded import make_plan, run_recaption
 
     assert job.shards is not None
     settings = job.pipeline.settings or GenerationSettings()

@@ -13,18 +13,19 @@ from typing import Any
 
 from prefixcap.data.shards import Manifest
 
-from prefixcap.train import TrainConfig, TrainConfigError, first_line
+from prefixcap.errors import first_line
+from prefixcap.train.run import TrainConfig, TrainConfigError
 
 logger = logging.getLogger(__name__)
 
-# Of the Hugging Face keyword arguments (prefixcap.train.HF_KWARGS), those a tokenizer also accepts.
+# Of the Hugging Face keyword arguments (prefixcap.train.run.HF_KWARGS), those a tokenizer also accepts.
 _TOKENIZER_KWARGS = ("cache_dir", "revision", "token", "trust_remote_code", "local_files_only", "force_download")
 
 
 def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_caption_tokens: int):
     """Build (CaptionConfig, lm, tokenizer), refusing settings that contradict the dataset."""
-    from prefixcap.language_models import LanguageModelError, load_language_model
-    from prefixcap.model import CaptionConfig
+    from prefixcap.model.language_models import LanguageModelError, load_language_model
+    from prefixcap.model.captioning import CaptionConfig
 
     where = f"the dataset {cfg.data_dir}"
     dim = int(manifest.embedding_dim or embedding_dim)
@@ -68,7 +69,7 @@ def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_
 
 def _language_model_and_tokenizer(cfg: TrainConfig, manifest: Manifest, where: str):
     """(LM name, the flag that named it, its family, its tokenizer), checked against the dataset's tokenizer."""
-    from prefixcap.language_models import (
+    from prefixcap.model.language_models import (
         LanguageModelError,
         detect_family,
         family_of_type,
@@ -113,7 +114,7 @@ def _language_model_and_tokenizer(cfg: TrainConfig, manifest: Manifest, where: s
 
 def _mapping_config(cfg: TrainConfig, manifest: Manifest, where: str, name: str, dim: int, k: int, lm):
     """The mapper's shape: flags, the dataset's embedding width (or patch tokens) and the LM's width."""
-    from prefixcap.mapping import MappingConfig, with_token_input
+    from prefixcap.model.mapping import MappingConfig, with_token_input
 
     mapping = MappingConfig(
         mapping_type=cfg.mapping_type, prefix_size=dim, lm_dim=int(lm.get_input_embeddings().embedding_dim),
@@ -131,7 +132,7 @@ def _mapping_config(cfg: TrainConfig, manifest: Manifest, where: str, name: str,
 
 def lora_settings(cfg: TrainConfig, lm):
     """--lora_* flags -> LoraSettings (None without --lora_rank); refuses contradictory flags."""
-    from prefixcap.adapters import AdapterError, resolve_settings
+    from prefixcap.model.adapters import AdapterError, resolve_settings
 
     if not cfg.lora_rank:
         if cfg.merge_lora:

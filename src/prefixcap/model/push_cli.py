@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage(model: str, folder: Path, merge_lora: bool = False, evaluation: str | None = None) -> Path:
     """Write what is uploaded into `folder`: the artifact without training state, with an up-to-date card."""
-    from prefixcap.model import CONFIG_NAME, CaptionConfig, CaptionModel
-    from prefixcap.model_card import CARD_DATA, evaluation_summary, render_card
+    from prefixcap.model.captioning import CONFIG_NAME, CaptionConfig, CaptionModel
+    from prefixcap.model.card import CARD_DATA, evaluation_summary, render_card
 
     src = Path(model)
     if not (src / CONFIG_NAME).is_file():
@@ -64,7 +64,7 @@ def stage(model: str, folder: Path, merge_lora: bool = False, evaluation: str | 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 uploaded, 2 a refused argument, 1 the upload failed."""
     args = build_parser().parse_args(argv)
-    from prefixcap.hub import upload_artifact
+    from prefixcap.model.hub import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prefixcap.model import CaptionConfig
+    from prefixcap.model.captioning import CaptionConfig
 
 CARD_DATA = "model_card.json"
 LIBRARY_NAME = "prefixcap"
@@ -29,7 +29,7 @@ def hub_id(name: str | None) -> str | None:
 
 def clip_hub_id(name: str) -> str | None:
     """The Hub id of the CLIP encoder (OpenAI names like ViT-B/32 mapped to their Hugging Face port)."""
-    from prefixcap.encoders import OPENAI_TO_HF
+    from prefixcap.model.encoders import OPENAI_TO_HF
 
     return OPENAI_TO_HF.get(name) or hub_id(name)
 
@@ -81,7 +81,7 @@ def render_card(config: "CaptionConfig", info: dict[str, Any] | None = None) -> 
            f"A ClipCap-style captioner: CLIP `{config.clip_model}` image embeddings are mapped by a "
            f"{m.mapping_type} network into {m.prefix_length} prefix embeddings of the language model "
            f"`{config.language_model}`, which writes the caption.", "",
-           "```python", "from prefixcap.caption import Captioner", "",
+           "```python", "from prefixcap.caption.captioner import Captioner", "",
            "captioner = Captioner.from_pretrained(\"THIS_FOLDER_OR_REPO\")",
            "print(captioner.caption([\"image.jpg\"]))", "```", "",
            "or `prefixcap caption --model THIS_FOLDER_OR_REPO image.jpg`.", "", "## Configuration", ""]

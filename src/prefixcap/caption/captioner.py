@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from prefixcap.data.images import ImageInputError, load_image
-from prefixcap.encoders import ImageEncoder, load_encoder
+from prefixcap.model.encoders import ImageEncoder, load_encoder
 from prefixcap.generation import GenerationSettings
-from prefixcap.model import CaptionConfig, CaptionModel
+from prefixcap.model.captioning import CaptionConfig, CaptionModel
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ class Captioner:
                            progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
         """CLIP embeddings (N, C) -> N captions (list[str], or list[list[str]] when
         num_return_sequences > 1); with return_scores, (captions, scores) in the same layout."""
-        from prefixcap.pipeline import generate_captions
+        from prefixcap.caption.pipeline import generate_captions
 
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
         emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
@@ -285,7 +285,7 @@ class Captioner:
         """Images (paths, PIL images, bytes, uint8 arrays, or preprocessed (3,H,W)/(B,3,H,W) float
         tensors) -> captions, as `caption_embeddings`. A single image gives a one-element list.
         An unreadable image raises ImageInputError naming it (the pipeline module reports it per item instead)."""
-        from prefixcap.pipeline import Item, batch_embeddings, generate_captions, prepared_batches
+        from prefixcap.caption.pipeline import Item, batch_embeddings, generate_captions, prepared_batches
 
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
         inputs = _as_list(images)

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from prefixcap import metrics as M
+import prefixcap.evaluate.metrics as M
 from prefixcap.data.readers import ReaderOptions
 from prefixcap.generation import GenerationSettings
-from prefixcap.evaluate_report import write_outputs
-from prefixcap.references import (EvaluationError, Predictions, References, clean_references, image_paths,
+from prefixcap.evaluate.report import write_outputs
+from prefixcap.evaluate.references import (EvaluationError, Predictions, References, clean_references, image_paths,
                                   load_predictions, load_references)
 
 ALL_METRICS = (*M.COCO_METRICS, "clipscore")
@@ -88,7 +88,7 @@ def _json_safe(value: Any) -> Any:
 def _load_clip(clip_model: Any, device: str) -> Any:
     if clip_model is None or not isinstance(clip_model, str):
         return clip_model
-    from prefixcap.encoders import load_encoder
+    from prefixcap.model.encoders import load_encoder
 
     return load_encoder(clip_model, device=device)
 
@@ -245,7 +245,7 @@ def evaluate_predictions(
 
     predictions: key -> caption; references: key -> reference captions.
     images: key -> image path or PIL image, or image_embeddings: key -> (C,) CLIP embedding of
-    `clip_model` (a name/folder, or an encoder from `prefixcap.encoders.load_encoder`), for
+    `clip_model` (a name/folder, or an encoder from `prefixcap.model.encoders.load_encoder`), for
     CLIPScore; without either, or with clip_model=None, CLIPScore is skipped.
     metrics: any of bleu, meteor, rouge, cider, spice, clipscore (default: all).
     Bad input (unknown key, image without reference, empty caption) is counted and reported under
@@ -298,7 +298,7 @@ def evaluate_predictions(
 # Captioning with a model (--model)
 # ------------------------------------------------------------------------------------------
 def _pipeline_options(cfg: EvaluateConfig) -> Any:
-    from prefixcap.pipeline import PipelineOptions
+    from prefixcap.caption.pipeline import PipelineOptions
 
     return PipelineOptions(batch_size=cfg.batch_size, settings=cfg.generation)
 
@@ -316,7 +316,7 @@ def _caption_items(cfg: EvaluateConfig, cap: Any, items: Iterable[Any], total: i
     """Run the captioning pipeline over items (with a progress bar); on_batch(results) sees every batch."""
     from tqdm.auto import tqdm
 
-    from prefixcap.pipeline import EmbeddingWidthError, caption_batches
+    from prefixcap.caption.pipeline import EmbeddingWidthError, caption_batches
 
     preds = Predictions({})
     try:
@@ -340,7 +340,7 @@ def _image_root(cfg: EvaluateConfig) -> str | None:
 
 def _generate(cfg: EvaluateConfig, cap: Any, refs: References, keys: list[str]) -> Predictions:
     """--model mode on a references-style dataset: caption its images (or its stored CLIP embeddings)."""
-    from prefixcap.pipeline import Item
+    from prefixcap.caption.pipeline import Item
 
     if refs.embeddings is not None:
         if refs.embedding_model and _resolved(refs.embedding_model) != _resolved(cap.config.clip_model):
@@ -382,7 +382,7 @@ def _reader_options(cfg: EvaluateConfig) -> Any:
 def _reader_items(reader: Any, refs: References, limit: int | None) -> Iterator[Any]:
     """Items of a reader's dataset in order, one per image; every row's captions join refs as it is read."""
     from prefixcap.data.decode import decode_caption
-    from prefixcap.pipeline import Item
+    from prefixcap.caption.pipeline import Item
 
     for unit in range(len(reader.units())):
         for record in reader.records(unit):
@@ -481,7 +481,7 @@ def _clipscore_encoder(cfg: EvaluateConfig, refs: References | None) -> Any:
 def _model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
                        ) -> tuple[Predictions, References, dict[str, Any]]:
     """--model mode: caption the dataset; returns predictions, references and what generated them."""
-    from prefixcap.caption import Captioner
+    from prefixcap.caption.captioner import Captioner
 
     try:
         cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
@@ -617,7 +617,7 @@ def _same_clip(name: str | None, encoder: Any) -> bool:
 
 
 def _resolved(name: str) -> str | None:
-    from prefixcap.encoders import resolve_encoder
+    from prefixcap.model.encoders import resolve_encoder
 
     try:
         return resolve_encoder(name).name

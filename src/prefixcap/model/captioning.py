@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prefixcap.adapters import ADAPTER_DIR, LoraSettings, attach_lora, lora_parameters, merged_copy
-from prefixcap.encoders import normalize
-from prefixcap.language_models import load_language_model, load_tokenizer
-from prefixcap.mapping import MappingConfig, build_mapper
+from prefixcap.model.adapters import ADAPTER_DIR, LoraSettings, attach_lora, lora_parameters, merged_copy
+from prefixcap.model.encoders import normalize
+from prefixcap.model.language_models import load_language_model, load_tokenizer
+from prefixcap.model.mapping import MappingConfig, build_mapper
 
 ARTIFACT = "prefixcap"
 CONFIG_NAME = "config.json"
@@ -203,7 +203,7 @@ class CaptionModel(nn.Module):
         Frozen LM: no LM weights; LoRA: only the adapter (lm_adapter/), or with merge_lora the LM with
         the adapter merged into its weights (lm/, loads as a fine-tuned model); fine-tuned: lm/.
         """
-        from prefixcap.model_card import CARD_DATA, render_card
+        from prefixcap.model.card import CARD_DATA, render_card
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +237,7 @@ class CaptionModel(nn.Module):
                         dtype: torch.dtype | None = None, **hf_kwargs: Any) -> "CaptionModel":
         """Load an artifact folder (or a Hub repo id) with no other argument needed."""
         folder = resolve_artifact(path, **hf_kwargs)
-        from prefixcap.model_card import CARD_DATA
+        from prefixcap.model.card import CARD_DATA
 
         config = CaptionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         tokenizer = load_tokenizer(str(folder / "tokenizer"))
@@ -269,7 +269,7 @@ class CaptionModel(nn.Module):
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     merge_lora: bool = False) -> str:
         """Upload the artifact folder (with its model card) to the Hugging Face Hub with the standard client."""
-        from prefixcap.hub import upload_artifact
+        from prefixcap.model.hub import upload_artifact
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(Path(tmp) / "artifact", merge_lora=merge_lora)

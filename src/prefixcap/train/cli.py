@@ -1,4 +1,4 @@
-"""`prefixcap train` / the seed's `python3 train.py`: flags -> TrainConfig -> `prefixcap.train.train`, printed.
+"""`prefixcap train` / the seed's `python3 train.py`: flags -> TrainConfig -> `prefixcap.train.run.train`, printed.
 
 Exit status: 0 done, 2 a refused flag or configuration, 1 a failure while running, 130 Ctrl-C
 (with a hint naming the checkpoint to resume from).
@@ -11,7 +11,7 @@ import os
 import sys
 
 from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
-from prefixcap.train import HF_KWARGS, MIXED_PRECISION, TRACKERS, TrainConfig, TrainResult, train
+from prefixcap.train.run import HF_KWARGS, MIXED_PRECISION, TRACKERS, TrainConfig, TrainResult, train
 
 PROG = "prefixcap train"
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_seed_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-    from prefixcap.mapping import MAPPERS
+    from prefixcap.model.mapping import MAPPERS
 
     s = p.add_argument_group("the seed's flags")
     s.add_argument("--data_dir", default=d.data_dir, help="preprocessed dataset folder (prefixcap preprocess)")
@@ -208,7 +208,7 @@ def print_report(r: TrainResult) -> None:
 
 
 def _interrupted_hint(cfg: TrainConfig) -> str:
-    from prefixcap.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
+    from prefixcap.train.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
 
     latest = checkpoint_path(cfg.output_dir, cfg.output_filename_prefix, "latest")
     if not has_checkpoint(latest):

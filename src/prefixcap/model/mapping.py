@@ -2,7 +2,7 @@
 
 ClipCap's MLP and transformer mappers take the pooled vector; `transformer_tokens` (the transformer
 mapper with the projected patch tokens as its clip tokens) and `projector` (LLaVA-style per-token MLP,
-K = N) take the encoder's final patch tokens (see prefixcap.patch_tokens for which tokens).
+K = N) take the encoder's final patch tokens (see prefixcap.model.patch_tokens for which tokens).
 """
 
 from __future__ import annotations

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefixcap import metrics as M
+import prefixcap.evaluate.metrics as M
 from prefixcap.data.readers import add_reader_args, reader_options_from_args
 from prefixcap.errors import EXIT_RUNTIME, EXIT_USAGE
-from prefixcap.evaluate import ALL_METRICS, READER_FLAGS, EvaluateConfig, run
-from prefixcap.evaluate_report import markdown_report
-from prefixcap.references import EvaluationError
+from prefixcap.evaluate.run import ALL_METRICS, READER_FLAGS, EvaluateConfig, run
+from prefixcap.evaluate.report import markdown_report
+from prefixcap.evaluate.references import EvaluationError
 from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
 
 

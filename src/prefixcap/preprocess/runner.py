@@ -44,7 +44,7 @@ from prefixcap.data.shards import (
     FORMAT_VERSION, MANIFEST, SETTINGS, SHARD_DIR, Manifest, SettingsMismatchError, ShardContent, ShardEntry,
     atomic_write_json, completed_shards, settings_differences, write_shard,
 )
-from prefixcap.language_models import tokenize_caption
+from prefixcap.model.language_models import tokenize_caption
 
 PROGRESS_DIR = "progress"
 MAX_SKIPPED_KEYS_PER_SHARD = 10000

@@ -24,14 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefixcap.caption_inputs import CaptionInputError, CaptionInputs, InputUnit, input_units
-from prefixcap.caption_writers import EXTENSIONS, ShardWriter, WriterOptions, make_writer, reason_of
+from prefixcap.caption.inputs import CaptionInputError, CaptionInputs, InputUnit, input_units
+from prefixcap.caption.writers import EXTENSIONS, ShardWriter, WriterOptions, make_writer, reason_of
 from prefixcap.data.shards import SettingsMismatchError, atomic_write_json, settings_differences
 from prefixcap.errors import UsageError
-from prefixcap.pipeline import Item, PipelineOptions, Result, caption_batches
+from prefixcap.caption.pipeline import Item, PipelineOptions, Result, caption_batches
 
 if TYPE_CHECKING:
-    from prefixcap.caption import Captioner
+    from prefixcap.caption.captioner import Captioner
 
 PROG = "prefixcap caption"
 SETTINGS_FILE = "caption_settings.json"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefixcap.pipeline import Result
+from prefixcap.caption.pipeline import Result
 
 logger = logging.getLogger(__name__)
 

@@ -155,17 +155,17 @@ class HFClipEncoder:
         pixels = pixels.to(self.device, self.dtype, non_blocking=True)
         return _features(self.model.get_image_features(pixel_values=pixels)).float()  # (B, C)
 
-    # Patch tokens (prefixcap.patch_tokens says which tokens and how they are pooled).
+    # Patch tokens (prefixcap.model.patch_tokens says which tokens and how they are pooled).
     def patch_token_shape(self, pool: int = 1) -> tuple[int, int]:
         """(N, C): tokens per image after P x P pooling, and their width (the embedding size)."""
-        from prefixcap.patch_tokens import grid_size, num_tokens, vision_parts
+        from prefixcap.model.patch_tokens import grid_size, num_tokens, vision_parts
 
         vision_parts(self.model)  # a clear error for a model without a CLIP vision tower
         return num_tokens(grid_size(self.model), pool), self.embedding_dim
 
     def encode_pixels_with_tokens(self, pixels: torch.Tensor, pool: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> (pooled (B, C), patch tokens (B, N, C)), float32, from one vision forward."""
-        from prefixcap.patch_tokens import encode_with_tokens
+        from prefixcap.model.patch_tokens import encode_with_tokens
 
         return encode_with_tokens(self.model, pixels.to(self.device, self.dtype, non_blocking=True), pool)
 
