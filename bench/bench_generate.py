@@ -34,7 +34,7 @@ def build_captioner(mapping_type: str, prefix_length: int):
     from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
     from prefixcap.caption.captioner import Captioner
     from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model.captioning import CaptionConfig, CaptionModel
+    from prefixcap.model import CaptionConfig, CaptionModel
 
     build_clip_vit_b32()
     gpt2 = build_gpt2_small()

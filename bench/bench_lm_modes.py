@@ -21,12 +21,14 @@ CHILD_CODE = r"""
 import json, resource, shutil, statistics, sys, time
 from pathlib import Path
 import torch
-from prefixcap.train.run import TrainConfig, _Trainer
+from prefixcap.train.config import TrainConfig
+from prefixcap.train.loop import TrainingLoop
+from prefixcap.train.setup import build_run
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec.pop("threads"))
 out = Path(spec["output_dir"])
 cfg = TrainConfig(**spec)
-trainer = _Trainer(cfg, cpu=True)
+trainer = TrainingLoop(build_run(cfg, cpu=True))
 trainer._save = lambda tag: None  # checkpoints are timed by nobody here; the artifact is saved below
 stamps = []
 step = trainer.optimizer.step
@@ -40,13 +42,13 @@ trainer.run()
 gaps = [b - a for a, b in zip(stamps, stamps[1:])]
 art = out / "artifact"
 shutil.rmtree(art, ignore_errors=True)
-trainer._unwrapped().save_pretrained(art)
+trainer.built.unwrapped().save_pretrained(art)
 size = {p.name: sum(f.stat().st_size for f in (p.rglob("*") if p.is_dir() else [p]) if f.is_file())
         for p in art.iterdir()}
 print("RESULT", json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
       "first_step_s": stamps[0] - t0 if stamps else None,
       "median_step_s": statistics.median(gaps) if gaps else None, "steps": len(stamps),
-      "trainable": trainer.trainable, "artifact_bytes": sum(size.values()), "artifact_parts": size}))
+      "trainable": trainer.built.trainable, "artifact_bytes": sum(size.values()), "artifact_parts": size}))
 """
 
 MODES = {

@@ -28,7 +28,7 @@ def build_captioner():
     from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
     from prefixcap.caption.captioner import Captioner
     from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model.captioning import CaptionConfig, CaptionModel
+    from prefixcap.model import CaptionConfig, CaptionModel
 
     build_clip_vit_b32()
     gpt2 = build_gpt2_small()
@@ -65,7 +65,8 @@ CPU_SECONDS: list[tuple[float, float]] = []  # (wall, process CPU) of each timed
 
 def run_end_to_end(cap, tars: list[str], batch_size: int, workers: int, tokens: int):
     """The CLI's --output_dir path on the tars with the loaded captioner; (summary, captions in order)."""
-    from prefixcap.caption.cli import build_parser, folder_settings, job_from_args
+    from prefixcap.caption.cli import build_parser, job_from_args
+    from prefixcap.caption.job import folder_settings
     from prefixcap.caption.writers import WriterOptions
     from prefixcap.caption.sharded import make_plan, run_recaption
 
@@ -79,7 +80,7 @@ def run_end_to_end(cap, tars: list[str], batch_size: int, workers: int, tokens: 
     settings = job.pipeline.settings
     from dataclasses import asdict, replace
 
-    options = replace(job.pipeline, return_scores=True, encode_ahead=True)  # as caption_cli.main_shards
+    options = replace(job.pipeline, return_scores=True, encode_ahead=True)  # as caption.job.run_caption_job
     writer = WriterOptions("webdataset", 1, job.shards.caption_member, True, model=job.model,
                            generation=asdict(settings.normalized()))
     plan = make_plan(job.inputs, job.shards, folder_settings(job))

@@ -51,13 +51,15 @@ def run_prefixcap(data_dir: Path, batch_size: int, steps: int, warmup: int, only
     """prefixcap's own trainer; optimizer steps are timestamped, checkpoint writing is skipped."""
     import torch
 
-    from prefixcap.train.run import TrainConfig, _Trainer
+    from prefixcap.train.config import TrainConfig
+    from prefixcap.train.loop import TrainingLoop
+    from prefixcap.train.setup import build_run
 
     cfg = TrainConfig(data_dir=str(data_dir), output_dir=str(WORK / "out" / "train_bench"),
                       batch_size=batch_size, only_prefix=only_prefix, epochs=1, max_steps=warmup + steps,
                       save_every_steps=0, save_every_epochs=0, num_workers=num_workers, gpu_devices="cpu",
                       log_every_steps=10**9, overwrite_output_dir=True)
-    trainer = _Trainer(cfg, cpu=True)
+    trainer = TrainingLoop(build_run(cfg, cpu=True))
     trainer._save = lambda tag: None  # writing checkpoints is not what is compared here
     stamps: list[float] = []
     tokens_per_step: list[int] = []
@@ -84,7 +86,7 @@ def run_prefixcap(data_dir: Path, batch_size: int, steps: int, warmup: int, only
         raise RuntimeError(f"prefixcap train ran {len(stamps)} steps, expected {warmup + steps}")
     return {"step_s": times, "samples_per_s": batch_size * len(times) / sum(times),
             "padded_caption_len_mean": sum(tokens_per_step[warmup:]) / max(1, len(tokens_per_step[warmup:])),
-            "trainable_params": trainer.trainable}
+            "trainable_params": trainer.built.trainable}
 
 
 def build_reference(data_dir: Path, only_prefix: bool, seed: int = 42):
@@ -127,7 +129,7 @@ def check_same_loss(data_dir: Path) -> dict:
     from prefixcap.data.loader import CaptionDataset, collate
     from prefixcap.model.language_models import load_tokenizer
     from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model.captioning import CaptionConfig, CaptionModel
+    from prefixcap.model import CaptionConfig, CaptionModel
 
     model, dataset = build_reference(data_dir, only_prefix=True)
     cfg = CaptionConfig(language_model=CaptionDataset(data_dir).manifest.tokenizer, mapping=MappingConfig("mlp", 512, 768, 10), only_prefix=True)

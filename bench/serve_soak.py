@@ -43,7 +43,7 @@ def build_tiny_artifact(workdir: Path) -> Path:
     """A tiny random captioner (CLIP + GPT-2 + MLP mapping) saved as a model folder."""
     from prefixcap.demo import tiny_models
     from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model.captioning import CaptionConfig, CaptionModel
+    from prefixcap.model import CaptionConfig, CaptionModel
 
     clip = tiny_models.build_tiny_clip(workdir / "clip")
     gpt2 = tiny_models.build_tiny_gpt2(workdir / "gpt2")

@@ -111,3 +111,28 @@ def fork_main(main, args: list[str], **env: str):
     child = mp.get_context("fork").Process(target=_child_main, args=(main, args, env))
     child.start()
     return child
+
+
+def run_args(inputs, out, clip, lm, *extra, fmt="webdataset", model_type="gpt2"):
+    """`prefixcap preprocess` flags for a CPU run of the tiny models, no progress bar."""
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs
+    return ["--input_dataset", *map(str, inputs), "--output_folder", str(out), "--input_format", fmt,
+            "--clip_model", clip, "--tokenizer_model_type", model_type, "--tokenizer_model_variant", lm,
+            "--device", "cpu", "--no_progress", *extra]
+
+
+def reference_embeddings(clip, images: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """The encoder's own output: its own preprocessor, one image at a time, fp32."""
+    import torch
+
+    from PIL import Image
+
+    from prefixcap.model.encoders import load_encoder
+
+    encoder = load_encoder(clip, device="cpu")
+    pre = encoder.preprocessor()
+    out = {}
+    for key, data in images.items():
+        pixels = torch.from_numpy(pre(Image.open(io.BytesIO(data)).convert("RGB"))[None])  # (1, 3, H, W)
+        out[key] = encoder.encode_pixels(pixels)[0].numpy()  # (C,)
+    return out

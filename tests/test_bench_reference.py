@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import reference
 from prefixcap.model.mapping import MappingConfig
-from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.model import CaptionConfig, CaptionModel
 
 
 @pytest.fixture(scope="module")

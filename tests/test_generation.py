@@ -242,7 +242,7 @@ def test_evaluate_shares_the_flags_but_scores_one_caption(capsys):
 def test_captioner_refuses_tiny_temperature_before_sampling(tiny_gpt2):
     from prefixcap.caption.captioner import Captioner
     from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model.captioning import CaptionConfig, CaptionModel
+    from prefixcap.model import CaptionConfig, CaptionModel
 
     torch.manual_seed(0)
     cap = Captioner(CaptionModel(CaptionConfig(language_model=tiny_gpt2, max_token_length=4,
@@ -347,7 +347,7 @@ def test_serve_caps_are_policy_on_top_naming_the_flag(serve_client):
 
 
 def test_serve_schema_fields_are_the_dataclass_fields_and_answers_normalized(serve_client):
-    from prefixcap.serve.app import CaptionOptions
+    from prefixcap.serve.schemas import CaptionOptions
 
     assert tuple(CaptionOptions.model_fields) == FIELD_NAMES
     assert all(not f.is_required() for f in CaptionOptions.model_fields.values())
@@ -378,11 +378,11 @@ def test_serve_config_refuses_caps_outside_the_general_bounds():
 
 
 def test_evaluate_library_call_validates_its_settings(tmp_path):
-    from prefixcap.evaluate.run import EvaluateConfig, run
+    from prefixcap.evaluate import EvaluateConfig, evaluate
     from prefixcap.evaluate.references import EvaluationError
 
     base = dict(model=str(tmp_path / "model"), dataset=str(tmp_path / "refs.json"), output_dir=str(tmp_path))
     with pytest.raises(EvaluationError, match=r"decoding flags: temperature=1e-40 is out of range"):
-        run(EvaluateConfig(**base, generation=GenerationSettings(do_sample=True, temperature=1e-40)))
+        evaluate(EvaluateConfig(**base, generation=GenerationSettings(do_sample=True, temperature=1e-40)))
     with pytest.raises(EvaluationError, match="one caption per image"):
-        run(EvaluateConfig(**base, generation=GenerationSettings(num_beams=2, num_return_sequences=2)))
+        evaluate(EvaluateConfig(**base, generation=GenerationSettings(num_beams=2, num_return_sequences=2)))

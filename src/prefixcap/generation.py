@@ -1,8 +1,8 @@
 """Decoding options: one frozen `GenerationSettings`, its one `validate()`, and the CLI flags derived from it.
 
-Every path that decodes captions takes this type: `Captioner` (caption.py), `prefixcap caption`,
-`prefixcap evaluate --model`, the HTTP service's request schema (serve.py) and the dynamic
-batcher's grouping key (batching.py). Field names and meanings are those of transformers'
+Every path that decodes captions takes this type: `Captioner` (caption/captioner.py), `prefixcap caption`,
+`prefixcap evaluate --model`, the HTTP service's request schema (serve/schemas.py) and the dynamic
+batcher's grouping key (serve/batching.py). Field names and meanings are those of transformers'
 `generate`. The bounds below hold for every caller; a server may cap lower as its own policy.
 """
 

@@ -14,8 +14,9 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,8 @@ from PIL import Image
 from prefixcap.data.images import ImageInputError, load_image
 from prefixcap.model.encoders import ImageEncoder, load_encoder
 from prefixcap.generation import GenerationSettings
-from prefixcap.model.captioning import CaptionConfig, CaptionModel
+from prefixcap.model.captioning import CaptionModel
+from prefixcap.model.config import CaptionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +128,7 @@ class Captioner:
         # PIL decoding/resizing releases the GIL, so a few threads keep the accelerator fed.
         if len(items) <= 1 or self._threads <= 1:
             return [fn(x) for x in items]
-        with self._pools_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="prefixcap-decode")
-        return list(self._pool.map(fn, items))
+        return list(self._prefetch_pool().map(fn, items))
 
     def load_pixels(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Decode + preprocess a list of inputs in parallel -> (B, 3, H, W) float32 (CPU)."""
@@ -261,20 +260,27 @@ class Captioner:
     def decode(self, tokens: list[list[int]]) -> list[str]:
         return [t.strip() for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
 
+    def generate_captions(self, embeddings: torch.Tensor, settings: GenerationSettings, return_scores: bool = False,
+                          **generate_kwargs: Any) -> list[tuple[list[str], list[float] | None]]:
+        """(B, C) embeddings (or (B, N, C) patch tokens) -> per input its num_return_sequences captions (and scores)."""
+        out = self.generate(embeddings, settings, return_scores, **generate_kwargs)
+        texts = self.decode(out.tokens)
+        n = settings.num_return_sequences
+        return [(texts[j * n:(j + 1) * n], out.scores[j * n:(j + 1) * n] if out.scores is not None else None)
+                for j in range(len(texts) // n)]
+
     def caption_embeddings(self, embeddings: torch.Tensor | np.ndarray, batch_size: int = 32,
                            return_scores: bool = False, settings: GenerationSettings | None = None,
                            progress: Callable[[int], None] | None = None, **generation_kwargs: Any):
         """CLIP embeddings (N, C) -> N captions (list[str], or list[list[str]] when
         num_return_sequences > 1); with return_scores, (captions, scores) in the same layout."""
-        from prefixcap.caption.pipeline import generate_captions
-
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
         emb = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
         if emb.ndim == len(self.config.mapping.input_shape):  # one image's (C,) or (N, C)
             emb = emb[None]
         outcomes = []
         for start in range(0, emb.shape[0], batch_size):
-            outcomes += generate_captions(self, emb[start:start + batch_size], settings, return_scores, **extra)
+            outcomes += self.generate_captions(emb[start:start + batch_size], settings, return_scores, **extra)
             if progress is not None:
                 progress(min(batch_size, emb.shape[0] - start))
         return _shape_result(outcomes, return_scores, settings.num_return_sequences)
@@ -285,23 +291,23 @@ class Captioner:
         """Images (paths, PIL images, bytes, uint8 arrays, or preprocessed (3,H,W)/(B,3,H,W) float
         tensors) -> captions, as `caption_embeddings`. A single image gives a one-element list.
         An unreadable image raises ImageInputError naming it (the pipeline module reports it per item instead)."""
-        from prefixcap.caption.pipeline import Item, batch_embeddings, generate_captions, prepared_batches
-
         settings, extra = GenerationSettings.split_kwargs(settings or self.settings, generation_kwargs)
-        inputs = _as_list(images)
-        items = [Item(str(i), image=image) for i, image in enumerate(inputs)]
         outcomes = []
         # The next batches are decoded in the background while the current one is on the device.
-        for batch in prepared_batches(self, items, batch_size, self._prefetch_pool()):
-            bad = next((it for it in batch.items if it.error is not None), None)
-            if bad is not None:
-                raise ImageInputError(f"cannot read image {_describe(bad.image, int(bad.key))}: {bad.error}")
-            indices = list(range(len(batch.items)))
-            outcomes += generate_captions(self, batch_embeddings(self, batch, indices), settings, return_scores,
-                                          **extra)
+        for pixels in _decoded_batches(self._prefetch_pool(), self._read_image, _as_list(images), batch_size):
+            embeddings = self.encode_pixels(pixels).float().to(self.device)  # (b, C) or (b, N, C)
+            outcomes += self.generate_captions(embeddings, settings, return_scores, **extra)
             if progress is not None:
-                progress(len(batch.items))
+                progress(pixels.shape[0])
         return _shape_result(outcomes, return_scores, settings.num_return_sequences)
+
+    def _read_image(self, index: int, image: ImageInput) -> np.ndarray:
+        """preprocess, with a failure named by the input (its path, or its position and type)."""
+        try:
+            return self.preprocess(image)  # (3, H, W)
+        except Exception as err:  # noqa: BLE001 - any decoding failure is this input's, re-raised naming it
+            raise ImageInputError(f"cannot read image {_describe(image, index)}: "
+                                  f"{str(err) or type(err).__name__}") from err
 
     def _prefetch_pool(self) -> ThreadPoolExecutor:
         """The decoding threads `caption` prefetches batches with (shared with load_pixels)."""
@@ -330,6 +336,29 @@ def _as_list(images: Any) -> list:
     if isinstance(images, (str, os.PathLike, bytes, bytearray, Image.Image, np.ndarray, torch.Tensor)):
         return [images]
     return list(images)
+
+
+def _decoded_batches(pool: ThreadPoolExecutor, read: Callable[[int, Any], np.ndarray], inputs: list,
+                     batch_size: int, prefetch: int = 2) -> Iterator[torch.Tensor]:
+    """(b, 3, H, W) pixels per batch of inputs, in order, while the next `prefetch` batches decode in `pool`;
+    read(index, input) -> (3, H, W) raises for an unreadable input, so the first one of a batch stops here."""
+    pending: deque[list[Future]] = deque()
+
+    def resolve(futures: list[Future]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([f.result() for f in futures]))  # (b, 3, H, W)
+
+    batch: list[Future] = []
+    for i, image in enumerate(inputs):
+        batch.append(pool.submit(read, i, image))
+        if len(batch) == batch_size:
+            pending.append(batch)
+            batch = []
+            if len(pending) > prefetch:
+                yield resolve(pending.popleft())
+    if batch:
+        pending.append(batch)
+    while pending:
+        yield resolve(pending.popleft())
 
 
 def _context_length(lm: torch.nn.Module) -> int | None:

@@ -1,4 +1,4 @@
-"""`prefixcap caption`: caption image files, folders, globs, datasets or embeddings into JSON Lines or shards.
+"""`prefixcap caption`: flags -> a CaptionJob -> prefixcap.caption.job -> a printed summary and the exit code.
 
 With --output (or stdout) every input item gives exactly one output line, in input order:
   {"key": ..., "caption": "..."}                      (one caption per image)
@@ -7,92 +7,32 @@ With --output (or stdout) every input item gives exactly one output line, in inp
   {"key": ..., "error": "truncated: image data ends early"}   (a broken input; the run goes on)
 With --output_dir every input shard gives one output shard (--output_format jsonl, parquet or
 webdataset), resumable and split over the ranks of torchrun: see prefixcap.caption.sharded.
-Inputs are read by prefixcap.caption.inputs and captioned by prefixcap.caption.pipeline; this module parses
-flags and writes the lines. Exit codes: 0 when something was captioned, 1 when nothing could be
-(every input failed, or embeddings of the wrong width), 2 for a wrong command line, 130 on Ctrl-C.
+Inputs are read by prefixcap.caption.inputs, captioned by prefixcap.caption.pipeline and the run is
+driven by prefixcap.caption.job; this module parses flags and prints. Exit codes: 0 when something
+was captioned, 1 when nothing could be (every input failed, embeddings of the wrong width, a model
+that does not load, a locked output), 2 for a wrong command line, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-import time
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
 
-import torch
-
-from prefixcap.caption.captioner import Captioner
-from prefixcap.caption.inputs import FORMATS, CaptionInputError, CaptionInputs, count_items, iter_items, needs_encoder
-from prefixcap.caption.writers import OUTPUT_FORMATS, WriterOptions, caption_member_problem, result_row
-from prefixcap.data.readers import add_reader_args, reader_options_from_args
+from prefixcap.caption.inputs import FORMATS, CaptionInputs
+from prefixcap.caption.job import PROG, CaptionJob, CaptionSummary, ModelLoadError, run_caption_job
+from prefixcap.caption.pipeline import EmbeddingWidthError, PipelineOptions
+from prefixcap.caption.sharded import RecaptionSummary, ShardOutputOptions
+from prefixcap.caption.writers import OUTPUT_FORMATS, caption_member_problem
+from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
 from prefixcap.errors import UsageError
-from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
-from prefixcap.caption.pipeline import EmbeddingWidthError, Item, PipelineOptions, caption_batches
-from prefixcap.caption.sharded import ShardOutputOptions
+from prefixcap.generation import add_generation_args, settings_from_args
 
-PROG = "prefixcap caption"
 # The reader flags `caption` offers (captions are not read, so no caption-source flags), and its defaults.
 READER_FLAGS = ("wds_image_key", "cache_path", "image_column", "caption_column", "key_column", "image_root",
                 "coco_split", "hf_split", "hf_config", "hf_streaming")
 READER_DEFAULTS = {"caption_column": None}
-
-
-@dataclass
-class CaptionJob:
-    """Everything one `prefixcap caption` run needs, built from its flags."""
-
-    model: str
-    inputs: CaptionInputs
-    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
-    output: str = "-"  # JSON Lines file; "-" is stdout
-    device: str | None = None
-    dtype: str | None = None  # float32 | float16 | bfloat16; None: as saved
-    clip_model: str | None = None  # override the CLIP encoder named in the model's config
-    progress: bool = True
-    shards: ShardOutputOptions | None = None  # --output_dir: one output shard per input shard
-
-
-@dataclass
-class RunSummary:
-    items: int = 0
-    captioned: int = 0
-    errors: int = 0
-    seconds: float = 0.0
-
-    @property
-    def images_per_second(self) -> float:
-        return self.captioned / self.seconds if self.seconds > 0 else 0.0
-
-
-def run(cap: Captioner, items: Iterable[Item], out: TextIO, options: PipelineOptions,
-        total: int | None = None, show_progress: bool = True) -> RunSummary:
-    """Caption every item, writing one JSON line per item in input order."""
-    from tqdm import tqdm
-
-    n = (options.settings or cap.settings).num_return_sequences
-    summary = RunSummary()
-    start = time.perf_counter()
-    bar = tqdm(total=total, unit="img", desc="captioning", disable=not show_progress, dynamic_ncols=True)
-    try:
-        for results in caption_batches(cap, items, options):
-            for result in results:
-                out.write(json.dumps(result_row(result, n), ensure_ascii=False) + "\n")
-            out.flush()
-            summary.items += len(results)
-            summary.errors += sum(r.error is not None for r in results)
-            bar.update(len(results))
-            bar.set_postfix(errors=summary.errors, refresh=False)
-    finally:
-        bar.close()
-    summary.captioned = summary.items - summary.errors
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 # --------------------------------------------------------------------------- command line
@@ -143,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def job_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CaptionJob:
     """The typed job a parsed command line asks for; a wrong flag exits with the parser's usage error."""
     inputs = list(args.inputs) + list(args.input_dataset)
@@ -190,63 +127,34 @@ def shard_options_from_args(parser: argparse.ArgumentParser, args: argparse.Name
     return ShardOutputOptions(args.output_dir, fmt, args.copy_members, args.caption_member, args.overwrite)
 
 
-def load_captioner(job: CaptionJob) -> Captioner:
-    """The model, and its CLIP encoder now when any input holds images (a missing one fails the run, not each image)."""
-    from transformers.utils import logging as hf_logging
-
-    from prefixcap.devices import resolve_device
-
-    device = resolve_device(job.device, PROG)  # cuda without CUDA: cpu, with a notice
-    hf_logging.disable_progress_bar()  # weight-loading bars would drown the captioning bar
-    cap = Captioner.from_pretrained(job.model, device=device, dtype=DTYPES.get(job.dtype), clip_model=job.clip_model)
-    if needs_encoder(job.inputs):
-        cap.encoder  # noqa: B018
-    return cap
-
-
-def caption_job(job: CaptionJob, cap: Captioner, total: int | None = None) -> RunSummary:
-    """Run the job into its --output (one writer per file); `total` sizes the progress bar."""
-    from prefixcap.locking import output_lock
-
-    with contextlib.ExitStack() as stack:
-        if job.output == "-":
-            out: TextIO = sys.stdout
-        else:
-            Path(job.output).parent.mkdir(parents=True, exist_ok=True)
-            # one writer per output file: a second caption run into it is refused, naming the PID
-            stack.enter_context(output_lock(job.output, PROG, kind="file", flag="--output"))
-            out = stack.enter_context(open(job.output, "w", encoding="utf-8"))
-        return run(cap, iter_items(job.inputs), out, job.pipeline, total=total, show_progress=job.progress)
-
-
+# --------------------------------------------------------------------------- running
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    job = job_from_args(parser, parser.parse_args(argv))
-    if job.shards is not None:
-        return main_shards(job)
-    try:
-        total = count_items(job.inputs)  # a folder without images fails before the model loads
-    except (CaptionInputError, FileNotFoundError, OSError) as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
-    try:
-        cap = load_captioner(job)
-    except (OSError, ValueError) as err:  # missing folder, bad config, unloadable LM/CLIP: all named
-        print(f"{PROG}: cannot load --model {job.model!r}: {err}", file=sys.stderr)
-        return 2
+    """Exit status: 0 something captioned, 2 a wrong command line or input, 1 a failed run, 130 Ctrl-C."""
     from prefixcap.locking import OutputLockedError
 
+    parser = build_parser()
+    job = job_from_args(parser, parser.parse_args(argv))
     try:
-        summary = caption_job(job, cap, total)
-    except CaptionInputError as err:
+        summary = run_caption_job(job)
+    except UsageError as err:  # no images in a folder, an unknown input, other settings in --output_dir
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
-    except (OutputLockedError, EmbeddingWidthError) as err:  # another process writes --output; unusable inputs
+    except (ModelLoadError, OutputLockedError, EmbeddingWidthError) as err:  # the run cannot go on
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    finally:
-        cap.close()
-    where = "stdout" if job.output == "-" else job.output
+    except KeyboardInterrupt:
+        if job.shards is None:
+            raise  # prefixcap.cli reports it (130); a --output file simply ends early
+        print(f"{PROG}: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+    if isinstance(summary, RecaptionSummary):
+        return report_shards(summary, job.shards.output_dir)
+    return report_output(summary, job.output)
+
+
+def report_output(summary: CaptionSummary, output: str) -> int:
+    """Print what a run into one JSON Lines output did; the exit code."""
+    where = "stdout" if output == "-" else output
     print(f"{PROG}: {summary.captioned} captioned, {summary.errors} errors, "
           f"{summary.seconds:.1f} s ({summary.images_per_second:.1f} images/s) -> {where}", file=sys.stderr)
     if summary.captioned == 0:
@@ -257,71 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- --output_dir: shards
-def folder_settings(job: CaptionJob) -> dict[str, Any]:
-    """What decides the captions of an output folder: a rerun must ask for the same (see recaption.check_settings)."""
-    from prefixcap.caption.sharded import model_fingerprint
-
-    settings = job.pipeline.settings or GenerationSettings()
-    local = Path(job.model).is_dir()
-    return {"model": str(Path(job.model).resolve()) if local else job.model,
-            "model_sha256": model_fingerprint(job.model), "clip_model": job.clip_model, "dtype": job.dtype,
-            "generation": asdict(settings.normalized()), "generate_kwargs": dict(job.pipeline.generate_kwargs)}
-
-
-class _Loader:
-    """Loads the captioner when the run finds work (a finished folder never loads the model)."""
-
-    def __init__(self, job: CaptionJob):
-        self.job = job
-        self.cap: Captioner | None = None
-
-    def __call__(self) -> Captioner:
-        try:
-            self.cap = load_captioner(self.job)
-        except (OSError, ValueError) as err:  # missing folder, bad config, unloadable LM/CLIP: all named
-            raise ModelLoadError(f"cannot load --model {self.job.model!r}: {err}") from err
-        return self.cap
-
-
-class ModelLoadError(UsageError):
-    """The model (or its CLIP encoder) does not load; the message names it."""
-
-
-def main_shards(job: CaptionJob) -> int:
-    """`caption --output_dir`: this rank's unfinished shards; exit 0, 1 (nothing captioned), 2 or 130."""
-    from prefixcap.locking import OutputLockedError
-    from prefixcap.caption.sharded import make_plan, run_recaption
-
-    assert job.shards is not None
-    settings = job.pipeline.settings or GenerationSettings()
-    options = replace(job.pipeline, return_scores=True, encode_ahead=True)  # scores go into every shard
-    writer = WriterOptions(job.shards.output_format, settings.num_return_sequences, job.shards.caption_member,
-                           job.shards.copy_members, model=job.model, generation=asdict(settings.normalized()))
-    loader = _Loader(job)
-    try:
-        plan = make_plan(job.inputs, job.shards, folder_settings(job))
-        other = [s.unit for s in plan.shards if s.unit.input_format != "webdataset"]
-        if job.shards.copy_members and other:
-            raise UsageError(f"--copy_members needs webdataset (.tar) inputs, but {other[0].name!r} is read as "
-                             f"{other[0].input_format}")
-        summary = run_recaption(plan, job.shards, loader, options, writer, job.progress)
-    except UsageError as err:  # bad inputs, other settings in the folder, a model that does not load
-        print(f"{PROG}: {err}", file=sys.stderr)
-        return 2
-    except (OutputLockedError, EmbeddingWidthError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
-        return 130
-    finally:
-        if loader.cap is not None:
-            loader.cap.close()
-    return report_shards(summary, job.shards.output_dir)
-
-
-def report_shards(summary: Any, output_dir: str) -> int:
+def report_shards(summary: RecaptionSummary, output_dir: str) -> int:
     """Print what this rank did and whether the folder is complete; the exit code."""
     who = f"rank {summary.rank}/{summary.world_size}: " if summary.world_size > 1 else ""
     mine = summary.shards_written + summary.shards_done_before

@@ -1,9 +1,11 @@
 """Batch captioning: items (an image or a CLIP embedding) -> prefetched, decoded batches -> captions, per-item errors.
 
-The one path behind `prefixcap caption`, `prefixcap evaluate --model`, training's validation CIDEr
-and `Captioner.caption`. Worker threads decode and preprocess the next batches while the current
-one is on the device (PIL releases the GIL). A batch the model fails on is retried one item at a
-time, so a bad item fails alone and its batch-mates keep their captions.
+The one path behind `prefixcap caption`, `prefixcap evaluate --model` and training's validation
+CIDEr. It calls the Captioner (pixels -> embeddings -> captions), never the other way round;
+`Captioner.caption` has its own small loop, which stops at a bad input. Worker threads decode and
+preprocess the next batches while the current one is on the device (PIL releases the GIL). A
+batch the model fails on is retried one item at a time, so a bad item fails alone and its
+batch-mates keep their captions.
 With `encode_ahead`, a further thread runs the CLIP encoder on the next batch while the current
 one generates (the caption CLI's re-captioning of shards uses it).
 """
@@ -185,17 +187,6 @@ def prepared_batches(cap: Captioner, items: Iterable[Item], batch_size: int, poo
 
 
 # --------------------------------------------------------------------------- prepared batches -> captions
-def generate_captions(cap: Captioner, embeddings: torch.Tensor, settings: GenerationSettings,
-                      return_scores: bool = False, **generate_kwargs: Any
-                      ) -> list[tuple[list[str], list[float] | None]]:
-    """(B, C) embeddings -> per input its num_return_sequences captions (and scores)."""
-    out = cap.generate(embeddings, settings, return_scores, **generate_kwargs)
-    texts = cap.decode(out.tokens)
-    n = settings.num_return_sequences
-    return [(texts[j * n:(j + 1) * n], out.scores[j * n:(j + 1) * n] if out.scores is not None else None)
-            for j in range(len(texts) // n)]
-
-
 def batch_embeddings(cap: Captioner, batch: PreparedBatch, indices: list[int]) -> torch.Tensor:
     """The (b, C) float32 CLIP embeddings of batch items `indices` (images encoded here), in that order."""
     rows: dict[int, torch.Tensor] = {i: batch.encoded[i] for i in indices if batch.encoded and i in batch.encoded}
@@ -217,8 +208,8 @@ def caption_prepared(cap: Captioner, batch: PreparedBatch, settings: GenerationS
     ready = [i for i, it in enumerate(batch.items) if it.error is None]
 
     def run(indices: list[int]) -> list[tuple[list[str], list[float] | None]]:
-        return generate_captions(cap, batch_embeddings(cap, batch, indices), settings, return_scores,
-                                 **generate_kwargs)
+        return cap.generate_captions(batch_embeddings(cap, batch, indices), settings, return_scores,
+                                     **generate_kwargs)
 
     for i, outcome in zip(ready, call_with_fallback(run, ready)):
         if isinstance(outcome, Exception):

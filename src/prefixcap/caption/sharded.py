@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -26,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from prefixcap.caption.inputs import CaptionInputError, CaptionInputs, InputUnit, input_units
 from prefixcap.caption.writers import EXTENSIONS, ShardWriter, WriterOptions, make_writer, reason_of
-from prefixcap.data.shards import SettingsMismatchError, atomic_write_json, settings_differences
-from prefixcap.errors import UsageError
 from prefixcap.caption.pipeline import Item, PipelineOptions, Result, caption_batches
+from prefixcap.errors import UsageError
+from prefixcap.runs import atomic_write_json, check_recorded_settings, finish_when_all_done, rank_and_world
 
 if TYPE_CHECKING:
     from prefixcap.caption.captioner import Captioner
@@ -80,17 +79,6 @@ class PlannedShard:
     name: str  # output shard name, without extension
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate launch / plain RANK and WORLD_SIZE variables."""
-    try:
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    except ValueError:
-        raise UsageError("RANK and WORLD_SIZE in the environment must be integers") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
-    return rank, world
-
-
 def shard_names(units: list[InputUnit]) -> list[str]:
     """Output shard names: each input shard's file stem (00012.tar -> 00012), made unique by its index if need be."""
     stems = []
@@ -122,17 +110,15 @@ def model_fingerprint(model: str) -> str | None:
 
 def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     """Refuse a run into a folder started with other settings, naming each differing key (a new folder passes)."""
-    path = folder / SETTINGS_FILE
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    # The same model files under another path (a moved or re-downloaded folder) are the same model.
-    same_model = old.get("model_sha256") and old.get("model_sha256") == settings.get("model_sha256")
-    differences = settings_differences(old, settings, ignore={"model"} if same_model else set())
-    if differences:
-        raise SettingsMismatchError(
-            f"--output_dir {folder} was captioned with other settings ({differences}); rerun with the original "
-            "settings to resume, add --overwrite to start afresh, or use another --output_dir")
+    def ignore(recorded: dict[str, Any]) -> set[str]:
+        # The same model files under another path (a moved or re-downloaded folder) are the same model.
+        same_model = recorded.get("model_sha256") and recorded.get("model_sha256") == settings.get("model_sha256")
+        return {"model"} if same_model else set()
+
+    check_recorded_settings(
+        folder / SETTINGS_FILE, settings, ignore=ignore,
+        refusal=lambda differences: f"--output_dir {folder} was captioned with other settings ({differences}); "
+        "rerun with the original settings to resume, add --overwrite to start afresh, or use another --output_dir")
 
 
 def stats_path(folder: Path, name: str) -> Path:
@@ -166,12 +152,15 @@ def remove_temporaries(folder: Path, names: list[str]) -> None:
 
 def try_write_summary(folder: Path, shards: list[PlannedShard], settings: dict[str, Any],
                       world_size: int) -> dict[str, Any] | None:
-    """Write caption_summary.json when every shard has its stats; returns it (None while some are unfinished)."""
+    """Write caption_summary.json when every shard has its stats; returns it (None while some are unfinished).
+    A rerun of a finished folder (same settings: checked) keeps the summary it has."""
     paths = [stats_path(folder, s.name) for s in shards]
-    if not all(p.exists() for p in paths):
-        return None
-    if (folder / SUMMARY_FILE).exists():  # a rerun of a finished folder (same settings: checked) keeps it
-        return json.loads((folder / SUMMARY_FILE).read_text())
+    return finish_when_all_done(paths, lambda: _write_summary(folder, paths, settings, world_size),
+                                result=folder / SUMMARY_FILE, read=lambda path: json.loads(path.read_text()))
+
+
+def _write_summary(folder: Path, paths: list[Path], settings: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The settings with the counts of every shard's stats, written as caption_summary.json."""
     errors: Counter = Counter()
     rows, items, captioned = [], 0, 0
     for path in paths:
@@ -182,7 +171,7 @@ def try_write_summary(folder: Path, shards: list[PlannedShard], settings: dict[s
         rows.append({k: stats[k] for k in ("name", "input", "output", "items", "captioned", "num_errors")})
     from prefixcap import __version__
 
-    summary = {**settings, "num_shards": len(shards), "items": items, "captioned": captioned,
+    summary = {**settings, "num_shards": len(paths), "items": items, "captioned": captioned,
                "num_errors": sum(errors.values()), "errors": dict(sorted(errors.items())), "shards": rows,
                "world_size": world_size, "created_by": f"prefixcap {__version__} caption",
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -286,7 +275,7 @@ class RecaptionPlan:
 
 def make_plan(inputs: CaptionInputs, out: ShardOutputOptions, settings: dict[str, Any]) -> RecaptionPlan:
     """List the input shards (a bad input raises CaptionInputError) and complete the folder's settings."""
-    rank, world = distributed()
+    rank, world = rank_and_world()
     if out.overwrite and world > 1:
         raise UsageError("--overwrite deletes what the other ranks are writing: run it once without a launcher "
                          "(or delete the folder), then launch the ranks without --overwrite")

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prefixcap.caption.pipeline import Result
+from prefixcap.data.decode import NOT_SAMPLE_REASONS
 
 logger = logging.getLogger(__name__)
 
 EXTENSIONS = {"jsonl": ".jsonl", "parquet": ".parquet", "webdataset": ".tar"}
 OUTPUT_FORMATS = tuple(EXTENSIONS)
-# Reader records that stand for a tar member or a whole tar, not a sample (see data/runner.py).
-NOT_SAMPLE_REASONS = ("duplicate_member", "truncated_tar")
 _REASON = re.compile(r"^([a-z][a-z0-9_]*):")
 
 

@@ -1,1 +1,1 @@
-"""Dataset readers, image decoding, the preprocessed-shard format and the preprocess runner."""
+"""Datasets: input readers, image and caption decoding, the preprocessed-shard format, training batches."""

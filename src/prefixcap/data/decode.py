@@ -17,6 +17,9 @@ SKIP_REASONS = {
     "duplicate_key": "a sample key seen before in this run's input (the first sample is kept)",
     "worker_error": "unexpected error while decoding (see the log)",
 }
+# Skipped records that stand for a tar member or a whole tar, not a sample: they count towards no
+# sample total (preprocess progress) and get no output row (re-captioning writers).
+NOT_SAMPLE_REASONS = ("duplicate_member", "truncated_tar")
 CONVERSIONS = {
     **IMAGE_CONVERSIONS,
     "non_utf8_caption": "caption bytes not valid UTF-8: decoded with replacement characters",

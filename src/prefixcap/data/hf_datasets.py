@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from prefixcap.data.records import InputError, ReaderConfig, ReaderOptions, Record
 from prefixcap.errors import first_line
-from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, Record
 
 # Tried in order when --image_column / --caption_column are left at their (table-oriented) defaults.
 IMAGE_COLUMNS = ("image", "img", "jpg", "png", "image_path", "file_name", "filepath")

@@ -2,139 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 
 from prefixcap.data.images import IMAGE_EXTENSIONS
-from prefixcap.errors import UsageError
+# The shared types live in data.records (ReaderOptions is imported only so that importing it from
+# here keeps working); the command-line flags in data.reader_args.
+from prefixcap.data.records import InputError, Reader, ReaderConfig, ReaderOptions, Record  # noqa: F401
+
 TABLE_EXTENSIONS = {"parquet": (".parquet",), "csv": (".csv", ".tsv"), "jsonl": (".jsonl", ".json")}
-
-
-class InputError(UsageError):
-    """Raised at start-up for input that cannot be read as asked (path, format, column)."""
-
-
-@dataclass
-class Record:
-    """One image with all its captions; the unit that is decoded and encoded once."""
-
-    key: str
-    image: bytes | str | None  # encoded bytes, or a local file path the worker reads, or None (missing)
-    captions: list[Any]  # raw captions (str or bytes); cleaned by decode.decode_caption
-    embedding: np.ndarray | None = None  # (C,) precomputed (embeddings input): no decoding at all
-    reason: str | None = None  # set when the reader already knows the record must be skipped
-
-
-@dataclass
-class ReaderOptions:
-    """How to read a dataset input; one type for preprocess, caption and evaluate (same flag names)."""
-
-    wds_image_key: str = "jpg"
-    wds_caption_key: str = "txt"
-    wds_caption_in_metadata: bool = False
-    cache_path: str | None = None
-    image_column: str = "image_path"
-    caption_column: str | None = "caption"  # None: captions are not needed (the caption stage)
-    key_column: str | None = None
-    image_root: str | None = None
-    coco_split: str | None = None
-    # Hugging Face datasets (--input_format hf_dataset). None defaults keep older settings.json comparable.
-    hf_split: str | None = None  # None: "train", or the dataset's only split
-    hf_config: str | None = None  # the dataset's configuration (load_dataset's `name`)
-    hf_streaming: bool | None = None  # stream shard by shard instead of downloading / memory-mapping
-
-
-# Flag of each ReaderOptions field: (help group, help). Defaults come from ReaderOptions.
-WDS_GROUP = "webdataset input"
-TABLE_GROUP = "parquet / csv / jsonl / coco / embeddings input"
-HF_GROUP = "Hugging Face datasets input (--input_format hf_dataset; also uses --image_column, --caption_column, " \
-           "--key_column, --image_root)"
-READER_FLAGS: dict[str, tuple[str, str]] = {
-    "wds_image_key": (WDS_GROUP, "image extension(s) in the tars, e.g. jpg;png"),
-    "wds_caption_key": (WDS_GROUP, "caption extension (or json field)"),
-    "wds_caption_in_metadata": (WDS_GROUP, "read the caption from the sample's .json under --wds_caption_key"),
-    "cache_path": (WDS_GROUP, "webdataset cache folder for remote tars"),
-    "image_column": (TABLE_GROUP, "column with the image path (relative to the table) or bytes"),
-    "caption_column": (TABLE_GROUP, "column with the caption (or a list of captions)"),
-    "key_column": (TABLE_GROUP, "column with a sample key (default: the image path)"),
-    "image_root": (TABLE_GROUP, "folder image paths are relative to (default: the table's / json's folder)"),
-    "coco_split": (TABLE_GROUP, "Karpathy split(s) to keep, e.g. train,restval"),
-    "hf_split": (HF_GROUP, "split to read (default: train, or the dataset's only split)"),
-    "hf_config": (HF_GROUP, "dataset configuration name (load_dataset's name=)"),
-    "hf_streaming": (HF_GROUP, "stream the dataset (IterableDataset; work units = its shards) instead of "
-                               "downloading it whole / memory-mapping it"),
-}
-SWITCHES = {"hf_streaming"}  # on/off flags whose default is None (see ReaderOptions)
-
-
-def add_reader_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, title: str | None = None,
-                    only: Iterable[str] | None = None, defaults: dict[str, Any] | None = None) -> None:
-    """Add the reader flags (--wds_image_key, --image_column, ...) to a CLI.
-
-    title: one argument group with this title (default: preprocess's two groups; a group given as
-    `parser` takes them all);
-    only: the subset of flags this CLI offers; defaults: CLI-specific defaults (field -> value).
-    """
-    from prefixcap.argtypes import boolean
-
-    names = list(only) if only is not None else list(READER_FLAGS)
-    unknown = [n for n in names + list(defaults or {}) if n not in READER_FLAGS]
-    if unknown:
-        raise ValueError(f"unknown reader option(s) {unknown}; expected some of {', '.join(READER_FLAGS)}")
-    base = ReaderOptions()
-    groups: dict[str, Any] = {}
-    for name in names:
-        group_title, help_text = READER_FLAGS[name]
-        group_title = title or group_title
-        if group_title not in groups:
-            # An argument group given as `parser` takes the flags itself.
-            is_group = isinstance(parser, argparse._ArgumentGroup)
-            groups[group_title] = parser if is_group else parser.add_argument_group(group_title)
-        default = (defaults or {}).get(name, getattr(base, name))
-        if isinstance(getattr(base, name), bool) or name in SWITCHES:
-            groups[group_title].add_argument(f"--{name}", type=boolean, nargs="?", const=True, default=default,
-                                             help=help_text)
-        else:
-            groups[group_title].add_argument(f"--{name}", default=default, help=help_text)
-
-
-def reader_options_from_args(args: argparse.Namespace, **overrides: Any) -> ReaderOptions:
-    """The ReaderOptions a parsed command line asks for; fields without a flag keep their defaults."""
-    values = {f.name: getattr(args, f.name) for f in fields(ReaderOptions) if hasattr(args, f.name)}
-    values.update(overrides)
-    return ReaderOptions(**values)
-
-
-@dataclass
-class ReaderConfig:
-    """What one reader reads: the inputs, their format, the options, and the chunk size of listed inputs."""
-
-    inputs: list[str]
-    input_format: str = "files"
-    options: ReaderOptions = field(default_factory=ReaderOptions)
-    samples_per_shard: int = 10000
-
-
-class Reader(Protocol):
-    """A deterministic list of work units, each iterated as records in a fixed order."""
-
-    def units(self) -> list[str]:
-        """Names of the work units (input shards), in input order; ranks split this list."""
-
-    def unit_size(self, unit: int) -> int | None:
-        """Number of records in a unit when known without reading it (for the progress bar)."""
-
-    def records(self, unit: int) -> Iterator[Record]:
-        """The unit's records, always in the same order (resume skips a counted prefix)."""
 
 
 def is_remote(path: str) -> bool:
@@ -516,7 +399,7 @@ class EmbeddingsReader:
 
 
 def _hf_dataset_reader(cfg: ReaderConfig) -> Reader:
-    # Imported on use: data/hf_datasets.py imports this module, and `datasets` is slow to import.
+    # Imported on use: `datasets` is slow to import.
     from prefixcap.data.hf_datasets import HFDatasetReader
 
     return HFDatasetReader(cfg)

@@ -10,14 +10,12 @@ A dataset folder holds
                                    caption (text), tokens (list<int32>, ends with end-of-text)
   shards/{name}.json               the shard's stats; written after both Arrow files, so a shard is
                                    complete exactly when this file exists (img2dataset's rule)
-All files are written to a temporary name and renamed into place.
+All files are written to a temporary name and renamed into place (prefixcap.runs.atomic_write_bytes).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -27,7 +25,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from prefixcap.errors import UsageError
+from prefixcap.runs import atomic_write_bytes, atomic_write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -49,7 +47,7 @@ class Manifest:
     """manifest.json: what made a preprocessed dataset and what it holds; the one type every stage reads.
 
     The header (encoder, tokenizer, lengths) is known before any shard is written; the counts are
-    filled in from the shards' stats when every rank has finished (`data.runner.try_write_manifest`).
+    filled in from the shards' stats when every rank has finished (`preprocess.progress.try_write_manifest`).
     """
 
     # --- what made it ---
@@ -84,6 +82,23 @@ class Manifest:
         data.update(data.pop("extra"))
         return data
 
+    # Code written when the manifest was the dict manifest.json holds (`ds.manifest["clip_model"]`).
+    def __getitem__(self, key: str) -> Any:
+        """The value under `key` as manifest.json holds it (shards as dicts); KeyError for an absent key."""
+        if key in self.extra:
+            return self.extra[key]
+        if key == "extra" or key not in _MANIFEST_FIELDS:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return [asdict(s) for s in value] if key == "shards" else value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """dict.get: the value under `key` as manifest.json holds it, or `default`."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = MANIFEST) -> Manifest:
         version = data.get("format_version", 1)
@@ -111,58 +126,7 @@ class Manifest:
         atomic_write_json(Path(folder) / MANIFEST, self.to_dict())
 
 
-class SettingsMismatchError(UsageError):
-    """An output folder was started with other settings; the message names each differing key."""
-
-
-def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"reader": {"wds_caption_key": ...}} -> {"wds_caption_key": ...}: a mismatch names the flag itself
-    (a nested key that collides with an outer one keeps its path)."""
-    flat: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and key != "generate_kwargs":  # passed to generate verbatim: one value
-            flat.update(flatten_settings(value, f"{prefix}{key}."))
-        else:
-            flat[key if key not in flat else f"{prefix}{key}"] = value
-    return flat
-
-
-def settings_differences(old: dict[str, Any], new: dict[str, Any], ignore: set[str] = frozenset()) -> str | None:
-    """"key: folder has A, this run asks for B; ..." for every differing (flattened) key, or None."""
-    old, new = flatten_settings(old), flatten_settings(new)
-    diff = sorted(k for k in (set(old) | set(new)) - set(ignore) if old.get(k) != new.get(k))
-    return "; ".join(f"{k}: folder has {old.get(k)!r}, this run asks for {new.get(k)!r}" for k in diff) or None
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; set back at once
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # read once at import, before any worker thread exists
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write data to path so that readers see either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file 0600; a dataset is meant to be read by others, as with open().
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+_MANIFEST_FIELDS = frozenset(f.name for f in fields(Manifest))
 
 
 def _write_arrow(path: Path, table: pa.Table) -> None:

@@ -145,7 +145,7 @@ def _contact_sheet(rows: list[dict], predictions: dict[str, str], out: Path, cou
     """A grid of held-out images, each with its predicted caption (green: all attributes right)."""
     from PIL import Image, ImageDraw
 
-    from prefixcap.demo.synthetic import attributes_correct
+    from prefixcap.demo.shapes import attributes_correct
 
     cell_w, img_h, text_h, cols = 200, 128, 44, 6
     shown = rows[:count]
@@ -200,7 +200,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from prefixcap.demo.synthetic import attribute_accuracy
+    from prefixcap.demo.shapes import attribute_accuracy
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars drown the demo's own output
     torch.set_num_threads(cfg.threads)

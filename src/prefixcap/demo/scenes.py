@@ -30,7 +30,8 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prefixcap.demo.synthetic import BACKGROUND, DRAWERS, RGB, SUPERSAMPLE, _pick, _write_tar, encode_image
+from prefixcap.demo.shapes import BACKGROUND, DRAWERS, RGB, SUPERSAMPLE, pick
+from prefixcap.demo.synthetic import encode_image, write_tar
 
 DATASET_FILE = "dataset.json"
 SPLITS = ("train", "test")
@@ -163,7 +164,7 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig, held_out: bool =
         if pair not in chosen:
             chosen.append(pair)
     order = rng.permutation(count)  # the held-out pair lands anywhere in the chain
-    objects = [SceneObject(_pick(rng, config.sizes), *chosen[int(k)], *cells[i]) for i, k in enumerate(order)]
+    objects = [SceneObject(pick(rng, config.sizes), *chosen[int(k)], *cells[i]) for i, k in enumerate(order)]
     return Scene(objects, held_out)
 
 
@@ -207,9 +208,9 @@ def make_caption(scene: Scene, rng: np.random.Generator) -> str:
         assert rel is not None, "consecutive scene objects share a row or column"
         left = _article(a.name, a.name in named)
         named.add(a.name)
-        clauses.append(f"{left} {_pick(rng, RELATION_PHRASES[rel])} {_article(b.name, False)}")
+        clauses.append(f"{left} {pick(rng, RELATION_PHRASES[rel])} {_article(b.name, False)}")
         named.add(b.name)
-    return f"{COUNT_WORDS[len(chain)]} {_pick(rng, COUNT_NOUNS)}: " + " and ".join(clauses)
+    return f"{COUNT_WORDS[len(chain)]} {pick(rng, COUNT_NOUNS)}: " + " and ".join(clauses)
 
 
 def make_captions(scene: Scene, count: int, rng: np.random.Generator, tries: int = 40) -> list[str]:
@@ -364,7 +365,7 @@ def _write_split(root: Path, config: SceneConfig, split: str) -> list[str]:
     for start in range(0, max(len(samples), 1), config.samples_per_shard):
         records = [_record(s, config) for s in samples[start:start + config.samples_per_shard]]
         path = folder / f"{split}-{len(shards):05d}.tar"
-        _write_tar(path, records)
+        write_tar(path, records)
         shards.append(str(path.relative_to(root)))
     return shards
 
@@ -385,7 +386,7 @@ class SceneDataset:
 
 def write_scenes(out_dir: str | Path, config: SceneConfig = SceneConfig(), overwrite: bool = False) -> SceneDataset:
     """Write train and test shards plus dataset.json (last); reuse a complete dataset with the same config."""
-    from prefixcap.data.shards import atomic_write_json
+    from prefixcap.runs import atomic_write_json
 
     root = Path(out_dir)
     info = root / DATASET_FILE

@@ -1,4 +1,4 @@
-"""`prefixcap evaluate`: the command line (flags -> EvaluateConfig -> evaluate.run -> report)."""
+"""`prefixcap evaluate`: the command line (flags -> EvaluateConfig -> evaluate -> report)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import argparse
 import sys
 
 import prefixcap.evaluate.metrics as M
-from prefixcap.data.readers import add_reader_args, reader_options_from_args
+from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
 from prefixcap.errors import EXIT_RUNTIME, EXIT_USAGE
-from prefixcap.evaluate.run import ALL_METRICS, READER_FLAGS, EvaluateConfig, run
-from prefixcap.evaluate.report import markdown_report
+from prefixcap.evaluate.config import READER_FLAGS, EvaluateConfig
 from prefixcap.evaluate.references import EvaluationError
+from prefixcap.evaluate.report import markdown_report
+from prefixcap.evaluate.run import evaluate
+from prefixcap.evaluate.scoring import ALL_METRICS
 from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
 
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
-        result = run(cfg)
+        result = evaluate(cfg)
     except EvaluationError as err:  # bad input or flags, named in the message
         print(f"prefixcap evaluate: error: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,5 +1,7 @@
-"""What evaluation compares: predictions (caption JSONL / COCO results) and references (COCO, Karpathy,
-JSONL, preprocessed datasets), read with errors that name the file, line and key."""
+"""What evaluation compares: predictions and references, read with errors that name the file, line and key.
+
+Predictions: caption JSONL or COCO results; references: COCO, Karpathy, JSONL or a preprocessed dataset.
+"""
 
 from __future__ import annotations
 

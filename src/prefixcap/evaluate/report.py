@@ -67,7 +67,7 @@ def markdown_report(result: Mapping[str, Any], name: str) -> str:
 
 def write_outputs(result: Mapping[str, Any], output_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     """metrics.json (figures + settings + counts), metrics.md and predictions.jsonl (per image)."""
-    from prefixcap.data.shards import atomic_write_bytes, atomic_write_json
+    from prefixcap.runs import atomic_write_bytes, atomic_write_json
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

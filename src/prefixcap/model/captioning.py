@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,53 +27,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prefixcap.model.adapters import ADAPTER_DIR, LoraSettings, attach_lora, lora_parameters, merged_copy
+from prefixcap.model.adapters import ADAPTER_DIR, attach_lora, lora_parameters, merged_copy
+from prefixcap.model.card import CARD_DATA, render_card
+from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import normalize
 from prefixcap.model.language_models import load_language_model, load_tokenizer
-from prefixcap.model.mapping import MappingConfig, build_mapper
+from prefixcap.model.mapping import build_mapper
 
-ARTIFACT = "prefixcap"
 CONFIG_NAME = "config.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
-
-
-@dataclass
-class CaptionConfig:
-    """One typed config for the whole captioner; saved as config.json beside the weights."""
-
-    clip_model: str = "ViT-B/32"  # encoder name as the dataset was preprocessed with
-    language_model: str = "gpt2"  # hub id or local folder
-    lm_family: str = "causal"  # causal | seq2seq
-    tokenizer: str = ""  # what the dataset was tokenized with (defaults to language_model)
-    mapping: MappingConfig = field(default_factory=MappingConfig)
-    normalize_prefix: bool = False
-    only_prefix: bool = False  # LM frozen: its weights are not stored, only referenced
-    lora: LoraSettings | None = None  # LoRA adapters on the LM (base weights frozen, not stored)
-    max_token_length: int = 128  # longest caption seen in training (a generation default)
-    format_version: int = 1
-
-    @property
-    def prefix_length(self) -> int:
-        return self.mapping.prefix_length
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"artifact": ARTIFACT, **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CaptionConfig":
-        data = {k: v for k, v in data.items() if k != "artifact"}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown keys in prefixcap config: {sorted(unknown)}")
-        mapping = MappingConfig(**data.pop("mapping", {}))
-        lora = data.pop("lora", None)
-        return cls(mapping=mapping, lora=LoraSettings(**lora) if lora else None, **data)
-
-    @property
-    def lm_mode(self) -> str:
-        """frozen | lora | fine-tuned: what training updates in the LM."""
-        return "frozen" if self.only_prefix else "lora" if self.lora is not None else "fine-tuned"
 
 
 def _lm_width(lm: nn.Module) -> int:
@@ -203,8 +165,6 @@ class CaptionModel(nn.Module):
         Frozen LM: no LM weights; LoRA: only the adapter (lm_adapter/), or with merge_lora the LM with
         the adapter merged into its weights (lm/, loads as a fine-tuned model); fine-tuned: lm/.
         """
-        from prefixcap.model.card import CARD_DATA, render_card
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -237,8 +197,6 @@ class CaptionModel(nn.Module):
                         dtype: torch.dtype | None = None, **hf_kwargs: Any) -> "CaptionModel":
         """Load an artifact folder (or a Hub repo id) with no other argument needed."""
         folder = resolve_artifact(path, **hf_kwargs)
-        from prefixcap.model.card import CARD_DATA
-
         config = CaptionConfig.from_dict(json.loads((folder / CONFIG_NAME).read_text()))
         tokenizer = load_tokenizer(str(folder / "tokenizer"))
         has_lm = (folder / "lm").is_dir()

@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from prefixcap.model.captioning import CaptionConfig
+    from prefixcap.model.config import CaptionConfig
 
 CARD_DATA = "model_card.json"
 LIBRARY_NAME = "prefixcap"

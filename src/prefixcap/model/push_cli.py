@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage(model: str, folder: Path, merge_lora: bool = False, evaluation: str | None = None) -> Path:
     """Write what is uploaded into `folder`: the artifact without training state, with an up-to-date card."""
-    from prefixcap.model.captioning import CONFIG_NAME, CaptionConfig, CaptionModel
+    from prefixcap.model.captioning import CONFIG_NAME, CaptionModel
+    from prefixcap.model.config import CaptionConfig
     from prefixcap.model.card import CARD_DATA, evaluation_summary, render_card
 
     src = Path(model)

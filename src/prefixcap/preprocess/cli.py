@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
 from prefixcap.data.decode import CONVERSIONS, SKIP_REASONS
-from prefixcap.data.readers import READERS, InputError, ReaderOptions, add_reader_args, reader_options_from_args
+from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
+from prefixcap.data.readers import READERS, InputError, ReaderOptions
 from prefixcap.preprocess.run import PROG, PreprocessConfig, run_preprocess
+
+if TYPE_CHECKING:
+    from prefixcap.preprocess.progress import PreprocessSummary
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -71,7 +75,7 @@ def parse_config(argv: list[str] | None = None, prog: str = PROG) -> PreprocessC
     return PreprocessConfig(reader=reader, **rest)
 
 
-def print_summary(summary: Any, cfg: PreprocessConfig) -> None:
+def print_summary(summary: PreprocessSummary, cfg: PreprocessConfig) -> None:
     """What this run wrote and what the whole dataset holds now (skips, conversions, truncations)."""
     rate = summary.num_images / summary.seconds if summary.seconds else 0.0
     out = [f"{PROG}: this run encoded {summary.num_images} images / {summary.num_captions} captions "
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """Exit status: 0 done, 2 a refused input/flag/folder, 1 nothing usable or a busy folder, 130 Ctrl-C."""
     cfg = parse_config(argv, prog)
     from prefixcap.cli_logging import library_messages_on_stderr
-    from prefixcap.preprocess.runner import NoUsableSamplesError
-    from prefixcap.data.shards import SettingsMismatchError
+    from prefixcap.preprocess.progress import NoUsableSamplesError
+    from prefixcap.runs import SettingsMismatchError
     from prefixcap.model.encoders import UnknownEncoderError
     from prefixcap.errors import PrefixcapError, exit_code_for
     from prefixcap.model.language_models import LanguageModelError

@@ -1,6 +1,6 @@
 """The preprocess stage's library: encode images with CLIP and tokenize captions into shards.
 
-`run_preprocess(PreprocessConfig(...))` runs this process's rank and returns a RunSummary;
+`run_preprocess(PreprocessConfig(...))` runs this process's rank and returns a PreprocessSummary;
 `prefixcap preprocess` / the seed's `create_dataset.py` (prefixcap.preprocess.cli) is its command line.
 """
 
@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
 from prefixcap.data.shards import FORMAT_VERSION, Manifest
 from prefixcap.devices import resolve_device
+from prefixcap.runs import rank_and_world
+
+if TYPE_CHECKING:
+    from prefixcap.preprocess.progress import PreprocessSummary
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,8 @@ def clear_output(folder: str) -> int:
     import shutil
     from pathlib import Path
 
-    from prefixcap.preprocess.runner import PROGRESS_DIR
     from prefixcap.data.shards import MANIFEST, SETTINGS, SHARD_DIR
+    from prefixcap.preprocess.progress import PROGRESS_DIR
 
     removed = 0
     for name in (MANIFEST, SETTINGS, SHARD_DIR, PROGRESS_DIR):
@@ -71,22 +74,14 @@ def clear_output(folder: str) -> int:
     return removed
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun / accelerate launch / plain env vars."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world < 1 or not 0 <= rank < world:
-        raise InputError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
-    return rank, world
-
-
-def run_preprocess(cfg: PreprocessConfig):
-    """Library entry point: validate, load the tokenizer and encoder, run this rank; returns a RunSummary."""
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    """Library entry point: validate, load the tokenizer and encoder, run this rank; returns its PreprocessSummary
+    (with the manifest once every rank is done)."""
     from prefixcap import __version__
     from prefixcap.preprocess.runner import RunConfig, Runner
     from prefixcap.model.language_models import family_of_type, load_tokenizer, tokenizer_fingerprint
 
-    rank, world = _distributed()
+    rank, world = rank_and_world()
     if not cfg.progress:  # --no_progress hides the weight-loading bars of transformers too
         from transformers.utils import logging as hf_logging
 
@@ -149,7 +144,8 @@ def run_preprocess(cfg: PreprocessConfig):
     with output_lock(cfg.output_folder, PROG, rank=rank, flag="--output_folder"):
         if cfg.overwrite and clear_output(cfg.output_folder):
             logger.warning(f"{PROG}: --overwrite: deleted the previous dataset in {cfg.output_folder}")
-        return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings, header).run()
+        return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings=settings,
+                      manifest_header=header).run()
 
 
 def _patch_token_record(cfg: PreprocessConfig, encoder: Any) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from prefixcap.generation import GenerationSettings
 from prefixcap.caption.pipeline import call_with_fallback
 
 
-class Captioner(Protocol):
+class BatchCaptioner(Protocol):
     """What the batcher needs from a captioner (prefixcap.caption.captioner.Captioner provides it)."""
 
     def caption(self, images: Sequence[Any], batch_size: int, settings: GenerationSettings
@@ -109,7 +109,7 @@ class DynamicBatcher:
     any number of concurrent tasks, and `await stop()` at shutdown.
     """
 
-    def __init__(self, captioner: Captioner, config: BatchConfig | None = None):
+    def __init__(self, captioner: BatchCaptioner, config: BatchConfig | None = None):
         self.captioner = captioner
         self.config = config or BatchConfig()
         self.stats = BatcherStats()

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    from prefixcap.serve import http as serve_http
+    import prefixcap.serve.http as serve_http
 
     try:  # before the model loads (which can take minutes): a port in use is known at once
         sock = serve_http.bind_socket(config.host, config.port)

@@ -11,7 +11,9 @@ import os
 import sys
 
 from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
-from prefixcap.train.run import HF_KWARGS, MIXED_PRECISION, TRACKERS, TrainConfig, TrainResult, train
+from prefixcap.train.config import HF_KWARGS, MIXED_PRECISION, TRACKERS, TrainConfig, TrainResult
+from prefixcap.runs import is_main_process
+from prefixcap.train.run import train
 
 PROG = "prefixcap train"
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenizers ran
     cfg = parse_config(argv)
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     try:
         with library_messages_on_stderr():
             result = train(cfg, argv)

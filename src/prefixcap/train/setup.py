@@ -1,156 +1,180 @@
-"""The model a training run builds, from its flags and the dataset's manifest; contradictions are refused.
+"""Everything a training run needs before its first step, built in the order bit-exact resume depends on.
 
-`resolve_model` picks the LM and tokenizer (checked against the ones the captions were tokenized
-with), the mapper's shape (K, C, token input) and the LoRA settings; `card_info` is what the model
-card says about the training data.
+`build_run(cfg, cpu)` opens the data, builds the Accelerator and the loaders, finds the resume point,
+builds the model (new or resumed), the optimizer and its schedule, and restores the saved state. The
+RNG is seeded just before the model is built (the mapper's initialisation draws from it), and the
+saved RNG states are restored only after everything that draws at build time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefixcap.data.shards import Manifest
-
 from prefixcap.errors import first_line
-from prefixcap.train.run import TrainConfig, TrainConfigError
+from prefixcap.train.accelerator import build_accelerator
+from prefixcap.train.config import TrainConfig, TrainConfigError, TrainRuntimeError
+from prefixcap.train.loaders import Loaders, build_loaders, check_validation_flags, open_data
+from prefixcap.train.resume import check_previous_run, check_resume, find_resume_point, restore_state, run_settings
 
 logger = logging.getLogger(__name__)
 
-# Of the Hugging Face keyword arguments (prefixcap.train.run.HF_KWARGS), those a tokenizer also accepts.
-_TOKENIZER_KWARGS = ("cache_dir", "revision", "token", "trust_remote_code", "local_files_only", "force_download")
+
+@dataclass
+class Schedule:
+    """A run's length in micro-batches and optimizer steps, and its warm-up."""
+
+    micro_per_epoch: int  # this process's batches per epoch
+    steps_per_epoch: int  # optimizer steps per epoch (the last accumulation group may be short)
+    total_steps: int  # of the whole run (--epochs, capped by --max_steps)
+    warmup_steps: int
 
 
-def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_caption_tokens: int):
-    """Build (CaptionConfig, lm, tokenizer), refusing settings that contradict the dataset."""
-    from prefixcap.model.language_models import LanguageModelError, load_language_model
-    from prefixcap.model.captioning import CaptionConfig
+@dataclass
+class BuiltRun:
+    """A training run ready for its first (or resumed) step."""
 
-    where = f"the dataset {cfg.data_dir}"
-    dim = int(manifest.embedding_dim or embedding_dim)
-    if cfg.prefix_size is not None and cfg.prefix_size != dim:
-        raise TrainConfigError(
-            f"--prefix_size {cfg.prefix_size} conflicts with {where}: its CLIP embeddings "
-            f"({manifest.clip_model}) are {dim}-d; omit --prefix_size or pass {dim}")
-    if manifest.normalized and not cfg.normalize_prefix:
-        # clip-retrieval embeddings are unit-norm, while captioning images later embeds them raw.
-        logger.warning("notice: the dataset's embeddings are L2-normalised but --normalize_prefix is off; images "
-                       "captioned with this model will not be normalised the same way (pass --normalize_prefix)")
-    data_k = manifest.prefix_length
-    if cfg.prefix_length is not None and data_k is not None and cfg.prefix_length != int(data_k):
-        # The shards hold embeddings and tokens only; K is the mapper's, so the seed's own README
-        # (preprocess with 10, train with 40) must work. The manifest's K is only the default.
-        logger.warning(f"prefixcap train: notice: --prefix_length {cfg.prefix_length} (the dataset was "
-                       f"preprocessed with {data_k}, which is only the default; the shards do not depend on it)")
-    k = cfg.prefix_length or (int(data_k) if data_k is not None else 10)
+    cfg: TrainConfig
+    accelerator: Any
+    is_deepspeed: bool
+    loaders: Loaders
+    run_config: dict[str, Any]  # what checkpoints record and a resume must match (resume.run_settings)
+    resume_from: Any | None  # the LoadedCheckpoint resumed from; None: a fresh start
+    model: Any  # the CaptionModel, prepared by Accelerate
+    optimizer: Any  # AdamW, prepared by Accelerate
+    scheduler: Any  # warm-up then linear decay, stepped by hand once per optimizer step
+    schedule: Schedule
+    state: Any  # TrainingState: epoch, batch position, optimizer step, samples seen
+    trainable: int  # parameters trained
+    total_params: int
 
-    name, flag, family, tokenizer = _language_model_and_tokenizer(cfg, manifest, where)
-    try:
-        lm = load_language_model(name, family, **cfg.hf_kwargs)
-    except LanguageModelError as err:
-        raise TrainConfigError(f"{flag} {name}: {err}") from err
-    except ImportError as err:  # e.g. --attn_implementation flash_attention_2 without flash_attn
-        raise TrainConfigError(f"{flag} {name}: {first_line(err)}") from err
-    max_pos = getattr(lm.config, "max_position_embeddings", None) if family == "causal" else None
-    if max_pos and k + max_caption_tokens > max_pos:
-        raise TrainConfigError(
-            f"--prefix_length {k} + the longest caption of {where} ({max_caption_tokens} tokens) exceeds "
-            f"{name}'s {max_pos} positions; use a shorter prefix or preprocess with a smaller --max_token_length")
-    mapping = _mapping_config(cfg, manifest, where, name, dim, k, lm)
-    config = CaptionConfig(
-        clip_model=str(manifest.clip_model), language_model=name, lm_family=family,
-        tokenizer=manifest.tokenizer or name, mapping=mapping,
-        normalize_prefix=cfg.normalize_prefix, only_prefix=cfg.only_prefix,
-        max_token_length=int(manifest.max_token_length or max_caption_tokens))
-    config.lora = lora_settings(cfg, lm)
-    return config, lm, tokenizer
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def unwrapped(self):
+        """The CaptionModel itself (not Accelerate's or DeepSpeed's wrapper)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def to_device(self, batch):
+        return [t.to(self.device, non_blocking=True) for t in batch]
 
 
-def _language_model_and_tokenizer(cfg: TrainConfig, manifest: Manifest, where: str):
-    """(LM name, the flag that named it, its family, its tokenizer), checked against the dataset's tokenizer."""
-    from prefixcap.model.language_models import (
-        LanguageModelError,
-        detect_family,
-        family_of_type,
-        load_tokenizer,
-        tokenizer_fingerprint,
-    )
+def build_run(cfg: TrainConfig, cpu: bool) -> BuiltRun:
+    """Build a run from its settings; refuses contradictory settings before anything heavy is loaded."""
+    check_validation_flags(cfg)
+    data = open_data(cfg)
+    lengths = data.data.lengths()  # (N,) int32
+    if len(lengths) == 0:
+        raise TrainConfigError(f"--data_dir {cfg.data_dir}: the dataset has no captions")
+    acc, is_deepspeed = build_accelerator(cfg, cpu)
+    loaders = build_loaders(cfg, data, lengths, cpu, acc.num_processes, acc.process_index)
+    check_previous_run(cfg, acc, Path(cfg.output_dir))
+    num_train_captions = len(loaders.train_idx)
+    run_config = run_settings(cfg, acc.num_processes, num_train_captions)
+    resume_from = find_resume_point(cfg, acc)
+    model = _build_model(cfg, data, lengths, num_train_captions, resume_from, run_config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total_params = sum(p.numel() for p in model.parameters())
+    model, optimizer, scheduler, schedule = _build_optimizer_and_schedule(cfg, acc, model, len(loaders.sampler),
+                                                                          cpu, is_deepspeed)
+    state = restore_state(cfg, acc, resume_from, optimizer, scheduler, is_deepspeed)
+    return BuiltRun(cfg=cfg, accelerator=acc, is_deepspeed=is_deepspeed, loaders=loaders, run_config=run_config,
+                    resume_from=resume_from, model=model, optimizer=optimizer, scheduler=scheduler,
+                    schedule=schedule, state=state, trainable=trainable, total_params=total_params)
 
-    data_tok = manifest.tokenizer
-    name = cfg.language_model or cfg.language_model_variant or data_tok or "gpt2-xl"
-    flag = "--language_model" if cfg.language_model else "--language_model_variant"
-    tok_kwargs = {k_: v for k_, v in cfg.hf_kwargs.items() if k_ in _TOKENIZER_KWARGS}
-    try:
-        if cfg.language_model_type:
-            family = family_of_type(cfg.language_model_type, name, **tok_kwargs)
-        elif name == data_tok and manifest.lm_family:
-            family = manifest.lm_family
-        else:
-            family = detect_family(name, **tok_kwargs)
-        tokenizer = load_tokenizer(name, **tok_kwargs)
-    except LanguageModelError as err:
-        raise TrainConfigError(f"{flag} {name}: {err}") from err
-    data_family = manifest.lm_family
-    if data_family and family != data_family:
-        raise TrainConfigError(
-            f"{flag} {name} is a {family} LM but {where} was tokenized for a {data_family} LM "
-            f"({data_tok}); captions are framed differently for the two, so preprocess again for {name}")
-    expected = manifest.tokenizer_fingerprint
-    if expected is None and data_tok and data_tok != name:
+
+def _build_model(cfg: TrainConfig, data, lengths, num_train_captions: int, resume_from, run_config):
+    """The CaptionModel, new or from the resume checkpoint (seeded: identical on every rank)."""
+    import torch
+
+    from prefixcap.train.model_spec import card_info, resolve_model
+
+    manifest = data.manifest
+    # The mapper's initialisation draws from the seeded RNG, identically on every rank.
+    torch.manual_seed(cfg.seed)
+    config, lm, tokenizer = resolve_model(cfg, manifest, data.data.embedding_dim, int(lengths.max()))
+    if resume_from is not None:
+        check_resume(resume_from, run_config, config)
+    if resume_from is not None and not cfg.only_prefix:
+        del lm  # fine-tuned: the LM weights come from the checkpoint's lm/ folder
+        model = _load_resumed_model(cfg, config, resume_from)
+    else:
+        model = _new_model(config, lm, tokenizer, resume_from)
+        del lm
+    if cfg.gradient_checkpointing:
         try:
-            expected = tokenizer_fingerprint(load_tokenizer(data_tok, **tok_kwargs))
-        except LanguageModelError:
-            logger.warning(f"prefixcap train: notice: cannot load the dataset's tokenizer {data_tok!r} to check it "
-                           f"matches {name!r}; continuing unchecked")
-    actual = tokenizer_fingerprint(tokenizer)
-    if expected is not None and {k_: expected.get(k_) for k_ in actual} != actual:
-        raise TrainConfigError(
-            f"{flag} {name} has a different tokenizer ({actual}) from the one {where} was tokenized with "
-            f"({data_tok}: {expected}); train with --language_model {data_tok} or preprocess the data again "
-            f"with --tokenizer_model_variant {name}")
-    return name, flag, family, tokenizer
+            model.enable_gradient_checkpointing()
+        except ValueError as err:
+            raise TrainConfigError(f"--gradient_checkpointing: {err}") from err
+    model.card_info = card_info(cfg, manifest, num_train_captions)
+    return model
 
 
-def _mapping_config(cfg: TrainConfig, manifest: Manifest, where: str, name: str, dim: int, k: int, lm):
-    """The mapper's shape: flags, the dataset's embedding width (or patch tokens) and the LM's width."""
-    from prefixcap.model.mapping import MappingConfig, with_token_input
+def _load_resumed_model(cfg: TrainConfig, config, resume_from):
+    from prefixcap.model.captioning import CaptionModel
+    from prefixcap.model.language_models import LanguageModelError
 
-    mapping = MappingConfig(
-        mapping_type=cfg.mapping_type, prefix_size=dim, lm_dim=int(lm.get_input_embeddings().embedding_dim),
-        prefix_length=k, clip_length=cfg.clip_prefix_length, num_layers=cfg.num_layers,
-        num_heads=cfg.num_attention_heads)
-    try:  # token mappers: N tokens and their pooling from the manifest (the projector's K is N)
-        mapping = with_token_input(mapping, manifest.patch_tokens, where)
-    except ValueError as err:
-        raise TrainConfigError(str(err)) from err
-    if mapping.mapping_type in ("transformer", "transformer_tokens") and mapping.lm_dim % mapping.num_heads:
-        raise TrainConfigError(f"--num_attention_heads {cfg.num_attention_heads} does not divide {name}'s "
-                               f"width {mapping.lm_dim}")
-    return mapping
-
-
-def lora_settings(cfg: TrainConfig, lm):
-    """--lora_* flags -> LoraSettings (None without --lora_rank); refuses contradictory flags."""
-    from prefixcap.model.adapters import AdapterError, resolve_settings
-
-    if not cfg.lora_rank:
-        if cfg.merge_lora:
-            raise TrainConfigError("--merge_lora merges a LoRA adapter: it needs --lora_rank")
-        return None
-    if cfg.only_prefix:
-        raise TrainConfigError("--lora_rank trains adapters inside the LM, --only_prefix freezes it: give one of them")
-    targets = [t.strip() for t in (cfg.lora_target_modules or "").split(",") if t.strip()]
     try:
-        return resolve_settings(lm, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets or None)
-    except AdapterError as err:
-        raise TrainConfigError(str(err)) from err
+        model = CaptionModel.from_pretrained(resume_from.path, **cfg.hf_kwargs)
+    except (LanguageModelError, OSError, ImportError) as err:
+        raise TrainRuntimeError(f"--resume: cannot load the model of {resume_from.path}: "
+                                f"{first_line(err)}") from err
+    model.config.language_model = config.language_model
+    return model
 
 
-def card_info(cfg: TrainConfig, manifest: Manifest, num_train_captions: int) -> dict[str, Any]:
-    """What the model card says about the training data (from the dataset's manifest)."""
-    data = {"data_dir": Path(cfg.data_dir).name, "input_format": manifest.input_format,
-            "num_images": manifest.num_images, "num_captions": manifest.num_captions,
-            "num_train_captions": num_train_captions, "clip_model": manifest.clip_model,
-            "datasets": list(manifest.hub_datasets)}
-    return {"training_data": {k: v for k, v in data.items() if v not in (None, [])}}
+def _new_model(config, lm, tokenizer, resume_from):
+    from prefixcap.model.captioning import CaptionModel
+
+    model = CaptionModel(config, lm=lm, tokenizer=tokenizer)
+    if resume_from is not None:  # frozen LM: only the mapper was trained
+        from safetensors.torch import load_file
+
+        from prefixcap.model.captioning import MAPPER_WEIGHTS
+
+        model.mapper.load_state_dict(load_file(resume_from.path / MAPPER_WEIGHTS))
+    return model
+
+
+def _build_optimizer_and_schedule(cfg: TrainConfig, acc, model, micro_per_epoch: int, cpu: bool,
+                                  is_deepspeed: bool):
+    """AdamW over the trained parameters, the warm-up/decay schedule, and Accelerate's wrapping.
+
+    Returns (prepared model, prepared optimizer, scheduler, Schedule).
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if not cpu and not is_deepspeed else {}
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    warmup = math.ceil(cfg.warmup_ratio * total) if cfg.warmup_ratio is not None else cfg.warmup_steps
+    if warmup >= total and cfg.lr > 0 and acc.is_main_process:
+        # The seed's 5000 warm-up steps on a short run: the learning rate stays a small fraction
+        # of --lr and the loss barely moves, with no other sign of why.
+        peak = cfg.lr * total / warmup if warmup else cfg.lr
+        logger.warning(f"prefixcap train: warning: warm-up ({warmup} steps) is not shorter than the run ({total} "
+                       f"optimizer steps): the learning rate peaks at {peak:.2e}, not --lr {cfg.lr:g}; use "
+                       "--warmup_ratio 0.1 or fewer --warmup_steps")
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, max(total, 1))
+    # The scheduler is stepped by hand once per optimizer step (not prepared: Accelerate would
+    # step it once per process), so --warmup_steps counts optimizer steps as in the seed.
+    model, optimizer = acc.prepare(model, optimizer)
+    return model, optimizer, scheduler, Schedule(micro_per_epoch=micro_per_epoch, steps_per_epoch=steps_per_epoch,
+                                                 total_steps=total, warmup_steps=warmup)
