@@ -26,7 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench.common import RESULTS, WORK, load_average, machine_info, print_header, set_threads, write_result
+from bench.common import (RESULTS, WORK, add_seeded_args, load_average, machine_info, print_header, seeded_config,
+                          set_threads, write_result)
 
 # name -> mapping_type; the pooled ones read the embedding column, the token ones the patch tokens.
 VARIANTS = {"pooled + MLP": "mlp", "pooled + transformer": "transformer",
@@ -433,19 +434,11 @@ def agreement_line(runs: list[RunResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.bench_patch_tokens", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="reduced sizes and 2 seeds (~6 min): a smoke run")
-    p.add_argument("--workdir", default=None, help="scratch folder (default bench/_work/patch_tokens)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    add_seeded_args(p, "reduced sizes and 2 seeds (~6 min): a smoke run", "scratch folder (default bench/_work/patch_tokens)")
     p.add_argument("--lm_modes", nargs="+", choices=LM_MODES, default=None)
-    p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     cfg = BenchConfig(threads=args.threads)
-    if args.quick:
-        cfg = replace(cfg, **QUICK, workdir=str(WORK / "patch_tokens_quick"))
-    if args.workdir:
-        cfg = replace(cfg, workdir=args.workdir)
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    cfg = seeded_config(cfg, args, QUICK, WORK / "patch_tokens_quick")
     if args.lm_modes:
         cfg = replace(cfg, lm_modes=tuple(args.lm_modes))
     return run_bench(cfg)

@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,3 +131,22 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
         os.environ["OMP_NUM_THREADS"] = str(n)
         os.environ["MKL_NUM_THREADS"] = str(n)
+
+
+def add_seeded_args(p: Any, quick_help: str, workdir_help: str | None = None) -> None:
+    """The flags every seeded quality benchmark shares: --quick, --workdir, --seeds, --threads."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--workdir", default=None, help=workdir_help)
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--threads", type=int, default=1)
+
+
+def seeded_config(cfg: Any, args: Any, quick: dict[str, Any], quick_workdir: Path) -> Any:
+    """`cfg` (a dataclass with workdir and seeds) with the shared flags of add_seeded_args applied."""
+    if args.quick:
+        cfg = replace(cfg, **quick, workdir=str(quick_workdir))
+    if args.workdir:
+        cfg = replace(cfg, workdir=args.workdir)
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(args.seeds))
+    return cfg

@@ -14,7 +14,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "prefixcap"
-STAGES = ("preprocess", "train", "caption", "evaluate", "serve", "demo")
+STAGES = ("preprocess", "train", "caption", "evaluate", "serve", "demo", "retrieval")
 MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 450, 300, 80
 MAX_TOP_LEVEL_MODULES = 12
 

@@ -1,4 +1,4 @@
-"""One command-line entry point: `prefixcap {preprocess,train,caption,evaluate,serve,push,demo}`."""
+"""One command-line entry point: `prefixcap {preprocess,train,caption,evaluate,serve,push,demo,datastore}`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("prefixcap.serve.cli", "HTTP captioning service with a web page"),
     "push": ("prefixcap.model.push_cli", "upload a trained model with its model card to the Hugging Face Hub"),
     "demo": ("prefixcap.demo.cli", "offline end-to-end demo on a synthetic dataset"),
+    "datastore": ("prefixcap.retrieval.cli", "build a caption datastore (FAISS) for retrieval-augmented captioning"),
 }
 
 

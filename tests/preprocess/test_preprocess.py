@@ -279,3 +279,32 @@ def test_two_ranks_write_one_dataset(resume_data, tiny_clip, tiny_gpt2):
     assert ranks == {0, 1}  # both ranks wrote shards
     assert dump(out) == dump(work / "reference")  # one manifest covering everything, in input order
     assert load_preprocessed(out).manifest.world_size == 2
+
+
+def test_resume_finishes_a_unit_killed_between_its_parts(resume_data, tiny_clip, tiny_gpt2):
+    """The state a kill -9 leaves between two parts of a unit, made deterministic (issue 24): every unit
+    complete but one, whose first part is complete and whose last is not. The same command, rerun as a
+    process, must finish that unit: a "unit finished" rule that takes any complete part for the whole
+    unit would lose its last image."""
+    import shutil
+
+    from prefixcap.preprocess.progress import PROGRESS_DIR, shard_name
+
+    work, pattern = resume_data
+    out = work / "between_parts"
+    shutil.copytree(work / "reference", out)
+    (out / "manifest.json").unlink()
+    for marker in (out / PROGRESS_DIR).glob("*.done.json"):
+        marker.unlink()
+    last_part = shard_name(3, 1)  # 3 images per tar, 2 per part: unit 3 is parts 0 (2 images) and 1 (1 image)
+    assert (out / SHARD_DIR / f"{shard_name(3, 0)}.json").exists()
+    removed = [p for p in (out / SHARD_DIR).iterdir() if p.name.startswith(last_part)]
+    assert removed
+    for path in removed:
+        path.unlink()
+    proc = subprocess.run([sys.executable, "-m", "prefixcap.cli", "preprocess",
+                           *run_args(pattern, out, tiny_clip, tiny_gpt2, *RESUME_EXTRA)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / SHARD_DIR / f"{last_part}.json").exists()
+    assert dump(out) == dump(work / "reference")

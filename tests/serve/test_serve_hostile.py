@@ -392,7 +392,7 @@ def test_serve_help_works_without_the_serve_extra():
 def test_serve_without_the_extra_says_what_to_install_in_one_line():
     out = run_python(BLOCK_EXTRA + "from prefixcap.cli import main; sys.exit(main(['serve', '--model', 'x']))")
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and 'pip install "prefixcap[serve]"' in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "pip install -e '.[serve]'" in out.stderr
 
 
 def test_port_in_use_is_reported_before_the_model_loads(tmp_path, capsys):

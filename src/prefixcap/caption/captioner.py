@@ -53,8 +53,11 @@ class Captioner:
 
     def __init__(self, model: CaptionModel, encoder: ImageEncoder | None = None,
                  clip_model: str | None = None, settings: GenerationSettings | None = None,
-                 encoder_dtype: torch.dtype | None = None, num_decode_threads: int | None = None):
+                 encoder_dtype: torch.dtype | None = None, num_decode_threads: int | None = None,
+                 retriever: Any | None = None):
         self.model = model.eval()
+        # prefixcap.retrieval.datastore.Retriever of a retrieval-augmented model (None: plain prefix captioning)
+        self.retriever = retriever
         self.config: CaptionConfig = model.config
         self.tokenizer = model.tokenizer
         self.device = next(model.parameters()).device
@@ -84,11 +87,18 @@ class Captioner:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype | None = None, clip_model: str | None = None,
-                        **hf_kwargs: Any) -> Captioner:
+                        datastore: str | None = None, **hf_kwargs: Any) -> Captioner:
         """Load a prefixcap artifact (folder or Hub id); the CLIP encoder named in its config is
-        loaded on first use (`clip_model` overrides the name, e.g. a local copy of it)."""
+        loaded on first use (`clip_model` overrides the name, e.g. a local copy of it). A retrieval-augmented
+        model retrieves from `datastore`, by default the one it was trained with. CUDA asked for on a
+        machine without it: the CPU, with a warning (as the CLI does)."""
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            logger.warning("prefixcap: device=%r requested but CUDA is not available; using cpu", str(device))
+            device = "cpu"
         model = CaptionModel.from_pretrained(path, device=device, dtype=dtype, **hf_kwargs)
-        return cls(model, clip_model=clip_model, encoder_dtype=dtype)
+        from prefixcap.retrieval.inference import retriever_for
+
+        return cls(model, clip_model=clip_model, encoder_dtype=dtype, retriever=retriever_for(model, datastore))
 
     @property
     def encoder(self) -> ImageEncoder:
@@ -206,7 +216,14 @@ class Captioner:
             prefix = self.model.prefix(emb)  # (B, K, D)
             attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)  # (B, K)
             # Every prefix has exactly K positions, so no padding (left or right) is ever needed.
-            kwargs.update(self._shared_prefix_cache(prefix, attention, kwargs))
+            if self.retriever is not None:  # [pad ; prefix ; prompt] per row; generate continues after the prompt
+                from prefixcap.retrieval.prompt import prompted_inputs
+
+                prompts = self.retriever.prompts(emb.float().cpu().numpy())
+                prefix, attention = prompted_inputs(self.model.lm, prefix, prompts)  # (B, L, D), (B, L)
+                kwargs["max_new_tokens"] = _fit_context(self.model.lm, prefix.shape[1], kwargs["max_new_tokens"])
+            else:
+                kwargs.update(self._shared_prefix_cache(prefix, attention, kwargs))
             out = self.model.lm.generate(inputs_embeds=prefix, attention_mask=attention, **kwargs)
         sequences = out.sequences if return_scores else out  # (B*n, T)
         if self.is_seq2seq:
@@ -368,6 +385,11 @@ def _context_length(lm: torch.nn.Module) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def _fit_context(lm: torch.nn.Module, used: int, max_new: int) -> int:
+    ctx = _context_length(lm)
+    return max(1, min(max_new, ctx - used)) if ctx is not None else max_new
 
 
 def _trim_at_eos(sequences: torch.Tensor, eos: int) -> tuple[list[list[int]], list[int]]:

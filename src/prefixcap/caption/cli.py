@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from prefixcap.argtypes import ArgumentParser
 from prefixcap.caption.inputs import FORMATS, CaptionInputs
 from prefixcap.caption.job import PROG, CaptionJob, CaptionSummary, ModelLoadError, run_caption_job
 from prefixcap.caption.pipeline import EmbeddingWidthError, PipelineOptions
@@ -37,7 +38,7 @@ READER_DEFAULTS = {"caption_column": None}
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="prefixcap caption",
         description="Caption images (files, folders, globs), datasets the preprocess stage reads, "
                     "preprocessed folders or clip-retrieval embeddings; writes JSON Lines.",
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: as saved; the CLIP encoder uses float16 on GPU)")
     p.add_argument("--clip_model", default=None,
                    help="override the CLIP encoder named in the model's config (e.g. a local copy)")
+    p.add_argument("--datastore", default=None, help="a retrieval model's caption datastore (default: the one it "
+                   "was trained with; docs/retrieval.md)")
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="threads decoding and preprocessing images")
     p.add_argument("--limit", type=int, default=None, help="stop after this many inputs")
@@ -102,7 +105,7 @@ def job_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         pipeline=PipelineOptions(batch_size=args.batch_size, num_workers=args.num_workers,
                                  return_scores=args.scores, settings=settings),
         output=args.output, device=args.device, dtype=args.dtype, clip_model=args.clip_model,
-        progress=not args.no_progress, shards=shard_options_from_args(parser, args))
+        progress=not args.no_progress, shards=shard_options_from_args(parser, args), datastore=args.datastore)
 
 
 def shard_options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ShardOutputOptions | None:
@@ -130,12 +133,14 @@ def shard_options_from_args(parser: argparse.ArgumentParser, args: argparse.Name
 # --------------------------------------------------------------------------- running
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 something captioned, 2 a wrong command line or input, 1 a failed run, 130 Ctrl-C."""
+    from prefixcap.interrupts import stop_requests
     from prefixcap.locking import OutputLockedError
 
     parser = build_parser()
     job = job_from_args(parser, parser.parse_args(argv))
     try:
-        summary = run_caption_job(job)
+        with stop_requests():  # Ctrl-C: stop after the current batch
+            summary = run_caption_job(job)
     except UsageError as err:  # no images in a folder, an unknown input, other settings in --output_dir
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2

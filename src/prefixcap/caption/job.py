@@ -26,6 +26,7 @@ from prefixcap.caption.sharded import RecaptionSummary, ShardOutputOptions, make
 from prefixcap.caption.writers import WriterOptions, result_row
 from prefixcap.errors import PrefixcapError, UsageError, first_line
 from prefixcap.generation import GenerationSettings
+from prefixcap.retrieval.datastore import DatastoreError
 
 PROG = "prefixcap caption"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,6 +45,7 @@ class CaptionJob:
     clip_model: str | None = None  # override the CLIP encoder named in the model's config
     progress: bool = True
     shards: ShardOutputOptions | None = None  # --output_dir: one output shard per input shard
+    datastore: str | None = None  # a retrieval model's datastore (None: the one it was trained with)
 
 
 @dataclass
@@ -74,9 +76,11 @@ def load_captioner(job: CaptionJob) -> Captioner:
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the captioning bar
     try:
         cap = Captioner.from_pretrained(job.model, device=device, dtype=DTYPES.get(job.dtype),
-                                        clip_model=job.clip_model)
+                                        clip_model=job.clip_model, datastore=job.datastore)
         if needs_encoder(job.inputs):
             cap.encoder  # noqa: B018
+    except DatastoreError:  # a --datastore that is missing, empty or of another CLIP width: exit 2
+        raise
     except (OSError, ValueError) as err:  # missing folder, bad config, unloadable LM/CLIP: all named
         raise ModelLoadError(f"cannot load --model {job.model!r}: {first_line(err)}") from err
     return cap
@@ -143,7 +147,8 @@ def folder_settings(job: CaptionJob) -> dict[str, Any]:
     local = Path(job.model).is_dir()
     return {"model": str(Path(job.model).resolve()) if local else job.model,
             "model_sha256": model_fingerprint(job.model), "clip_model": job.clip_model, "dtype": job.dtype,
-            "generation": asdict(settings.normalized()), "generate_kwargs": dict(job.pipeline.generate_kwargs)}
+            "generation": asdict(settings.normalized()), "generate_kwargs": dict(job.pipeline.generate_kwargs),
+            **({"datastore": str(Path(job.datastore).resolve())} if job.datastore else {})}
 
 
 class _Loader:

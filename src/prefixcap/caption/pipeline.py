@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from prefixcap.errors import PrefixcapError
+from prefixcap.interrupts import check as check_interrupt
 
 if TYPE_CHECKING:
     from prefixcap.caption.captioner import Captioner
@@ -265,6 +266,7 @@ def caption_batches(cap: Captioner, items: Iterable[Item], options: PipelineOpti
         if options.encode_ahead:
             batches = encoded_ahead(cap, batches)
         for batch in batches:
+            check_interrupt()  # Ctrl-C: stop between batches (finished output shards are kept)
             yield caption_prepared(cap, batch, settings, options.return_scores, **options.generate_kwargs)
     finally:
         if own:

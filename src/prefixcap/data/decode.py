@@ -23,6 +23,8 @@ NOT_SAMPLE_REASONS = ("duplicate_member", "truncated_tar")
 CONVERSIONS = {
     **IMAGE_CONVERSIONS,
     "non_utf8_caption": "caption bytes not valid UTF-8: decoded with replacement characters",
+    "clip_text_truncated": ("caption longer than the CLIP text encoder's context (--text_only): its embedding "
+                            "encodes the first context-length tokens, as CLIP's own tokenizer cuts it"),
 }
 
 

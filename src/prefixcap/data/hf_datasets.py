@@ -197,7 +197,7 @@ class HFDatasetReader:
         src = self.sources[self._units[unit][0]]
         pending: Record | None = None
         for default_key, row in self._rows(unit):
-            if src["image"] not in row:
+            if src["image"] and src["image"] not in row:  # None: a text-only read (data.text_only)
                 raise InputError(f"dataset row {default_key} has no column {src['image']!r} (--image_column); "
                                  f"its columns: {', '.join(row)}")
             key = str(row[src["key"]]) if src["key"] else default_key
@@ -207,7 +207,7 @@ class HFDatasetReader:
                 continue
             if pending is not None:
                 yield pending
-            image = _image_value(row[src["image"]], src["base"])
+            image = _image_value(row[src["image"]], src["base"]) if src["image"] else None
             pending = Record(key, image, captions) if image is not None else \
                 Record(key, None, captions, reason="missing_image")
         if pending is not None:

@@ -280,7 +280,7 @@ def make_loader(dataset: CaptionDataset, batch_sampler: Sampler, num_workers: in
                 seed: int) -> DataLoader:
     """A DataLoader over batch indices; its own generator so it never draws from the global RNG."""
     return DataLoader(
-        dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+        dataset, batch_sampler=batch_sampler, collate_fn=getattr(dataset, "collate", collate), num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),

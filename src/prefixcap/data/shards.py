@@ -62,6 +62,8 @@ class Manifest:
     input_format: str | None = None
     hub_datasets: list[str] = field(default_factory=list)  # Hub dataset ids read (model cards cite them)
     patch_tokens: dict[str, Any] | None = None  # {"num_tokens", "dim", "pool", "source"} with --store_patch_tokens
+    # --text_only: {"embeddings": "text", "encoder", "context_length", "rows": "one per caption"}; None: image embeddings
+    text_only: dict[str, Any] | None = None
     created_by: str | None = None
     created_at: str | None = None
     # --- what it holds ---

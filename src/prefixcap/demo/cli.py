@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prefixcap.argtypes import non_negative_int, positive_int
+from prefixcap.argtypes import ArgumentParser, non_negative_int, positive_int
 from prefixcap.demo.run import QUICK, DemoConfig, run_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = DemoConfig()
-    p = argparse.ArgumentParser(prog="prefixcap demo",
+    p = ArgumentParser(prog="prefixcap demo",
                                 description="Offline end-to-end demo: the whole pipeline learns to caption "
                                             "synthetic shapes with a tiny CLIP and a tiny GPT-2.")
     p.add_argument("--workdir", default=d.workdir, help="everything the demo writes stays here")

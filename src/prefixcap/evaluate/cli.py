@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from prefixcap.argtypes import ArgumentParser
 import prefixcap.evaluate.metrics as M
 from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
 from prefixcap.errors import EXIT_RUNTIME, EXIT_USAGE
@@ -17,7 +18,7 @@ from prefixcap.generation import GenerationSettings, add_generation_args, settin
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="prefixcap evaluate",
         description="COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE), CLIPScore/RefCLIPScore and "
                     "diversity, for a predictions file or a model's captions.")
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "folder, or JSONL {key, captions}")
     src.add_argument("--model", help="a trained prefixcap model folder: caption --dataset first, then score")
     src.add_argument("--dataset", help="evaluation set for --model (same formats as --references)")
+    src.add_argument("--datastore", help="a retrieval model's caption datastore (default: the one it was trained "
+                                         "with; docs/retrieval.md)")
     src.add_argument("--split", default="test", help="Karpathy split(s), comma-separated (default: test)")
     src.add_argument("--images", help="image folder (the COCO root for Karpathy files): CLIPScore, and --model "
                                       "on a json dataset")
@@ -75,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
                    and not (args.no_spice and m == "spice"))
     return EvaluateConfig(
         predictions=args.predictions, references=args.references, model=args.model, dataset=args.dataset,
+        datastore=args.datastore,
         split=args.split, images=args.images, output_dir=args.output_dir, name=args.name, limit=args.limit,
         metrics=wanted, clip_model=args.clip_model, strict=args.strict, tokenizer=args.tokenizer,
         spice_timeout_s=args.spice_timeout_s, device=args.device, batch_size=args.batch_size,

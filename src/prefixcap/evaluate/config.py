@@ -22,6 +22,7 @@ class EvaluateConfig:
     references: str | None = None  # COCO captions json, Karpathy json, preprocessed folder, JSONL
     model: str | None = None  # a trained prefixcap artifact: generate the captions first
     dataset: str | None = None  # the evaluation set for --model (same formats as --references)
+    datastore: str | None = None  # --model's retrieval datastore (None: the one it was trained with)
     split: str = "test"  # Karpathy split(s), comma-separated; ignored by formats without splits
     images: str | None = None  # image root folder (COCO root for Karpathy) for CLIPScore / --model
     output_dir: str = "evaluation"

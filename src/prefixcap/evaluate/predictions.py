@@ -10,6 +10,7 @@ import prefixcap.evaluate.metrics as M
 from prefixcap.evaluate.config import EvaluateConfig, image_root, uses_reader
 from prefixcap.evaluate.references import EvaluationError, Predictions, References, image_paths
 from prefixcap.evaluate.scoring import resolved_clip
+from prefixcap.retrieval.datastore import DatastoreError
 
 
 def _pipeline_options(cfg: EvaluateConfig) -> Any:
@@ -145,7 +146,9 @@ def model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
     from prefixcap.caption.captioner import Captioner
 
     try:
-        cap = Captioner.from_pretrained(cfg.model, device=cfg.device)
+        cap = Captioner.from_pretrained(cfg.model, device=cfg.device, datastore=cfg.datastore)
+    except DatastoreError:  # a missing, empty or other-width --datastore: its own line, exit 2
+        raise
     except (OSError, ValueError) as err:
         raise EvaluationError(f"cannot load the model {cfg.model}: {err}") from err
     try:
@@ -157,6 +160,7 @@ def model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
     finally:
         cap.close()
     info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model,
+            **({"datastore": str(cap.retriever.datastore.path)} if cap.retriever is not None else {}),
             "language_model": cap.config.language_model, "decoding": asdict(cfg.generation),
             "caption_input": preds.source, "input_format": cfg.input_format}
     return preds, refs, info

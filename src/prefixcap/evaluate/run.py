@@ -67,11 +67,17 @@ def _clipscore_encoder(cfg: EvaluateConfig, refs: References | None) -> Any:
 
 def _match_keys(preds: Predictions, refs: References, notices: list[str]) -> None:
     """Predictions may name images by file name where the references use ids (or the reverse)."""
-    renamed = {}
+    renamed, ambiguous = {}, []
     for key in list(preds.captions):
         target = refs.resolve(key)
         if target and target != key and target not in preds.captions:
             renamed[key] = target
+        elif target == "":  # the same file name in two folders: scoring it against either would be a guess
+            ambiguous.append(key)
+    if ambiguous:
+        notices.append(f"{len(ambiguous)} prediction key(s) name more than one reference image (the same file "
+                       f"name in two folders) and are not scored: {listed_keys(ambiguous)}; key them by the "
+                       "references' keys or image paths")
     if renamed:
         preds.captions = {renamed.get(k, k): v for k, v in preds.captions.items()}
         preds.errors = {renamed.get(k, k): v for k, v in preds.errors.items()}

@@ -31,6 +31,7 @@ from prefixcap.model.adapters import ADAPTER_DIR, attach_lora, lora_parameters, 
 from prefixcap.model.card import CARD_DATA, render_card
 from prefixcap.model.config import CaptionConfig
 from prefixcap.model.encoders import normalize
+from prefixcap.model.noise import add_noise
 from prefixcap.model.language_models import load_language_model, load_tokenizer
 from prefixcap.model.mapping import build_mapper
 
@@ -118,28 +119,36 @@ class CaptionModel(nn.Module):
         embeddings = embeddings.float()
         if self.config.normalize_prefix:
             embeddings = normalize(embeddings)
+        if self.training and self.config.noise_variance:  # CapDec: training only, never at inference
+            embeddings = add_noise(embeddings, self.config.noise_variance)
         mapper_dtype = next(self.mapper.parameters()).dtype
         prefix = self.mapper(embeddings.to(mapper_dtype))  # (B, K, D)
         return prefix.to(self.lm.get_input_embeddings().weight.dtype)
 
-    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over real caption tokens (mask==1); prefix and padding excluded.
 
-        embeddings (B, C), tokens (B, T) right-padded, mask (B, T) 1 for real tokens.
+        embeddings (B, C), tokens (B, T) right-padded, mask (B, T) 1 for real tokens. target_mask (B, T)
+        (causal LMs; retrieval's prompt, prefixcap.retrieval.prompt.prompted_targets): the LM attends to
+        every mask==1 token but the loss is taken only where target_mask==1 (the prompt is context).
         """
         prefix = self.prefix(embeddings)  # (B, K, D)
         if self.config.lm_family == "seq2seq":
+            if target_mask is not None:
+                raise ValueError("a retrieval prompt (target_mask) needs a causal LM")
             return self._seq2seq_loss(prefix, tokens, mask)
-        return self._causal_loss(prefix, tokens, mask)
+        return self._causal_loss(prefix, tokens, mask, target_mask)
 
-    def _causal_loss(self, prefix: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _causal_loss(self, prefix: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                     target_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, k, _ = prefix.shape
         t = tokens.shape[1]
         token_embeds = self.lm.get_input_embeddings()(tokens)  # (B, T, D)
         inputs = torch.cat((prefix, token_embeds), dim=1)  # (B, K+T, D)
         attn = torch.cat((mask.new_ones(b, k), mask), dim=1)  # (B, K+T)
         # The hidden state at position K-1+i predicts caption token i.
-        targets_mask = mask.bool()  # (B, T)
+        targets_mask = (mask if target_mask is None else target_mask * mask).bool()  # (B, T)
         if _needs_full_logits(self.lm):
             logits = self.lm(inputs_embeds=inputs, attention_mask=attn, logits_to_keep=t + 1, use_cache=False).logits
             logits = logits[:, :t][targets_mask]  # (N, V)

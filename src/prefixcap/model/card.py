@@ -90,6 +90,10 @@ def render_card(config: "CaptionConfig", info: dict[str, Any] | None = None) -> 
                          f"{', L2-normalised' if config.normalize_prefix else ''})"),
         ("language model", f"`{config.language_model}` ({config.lm_family})"),
         ("LM training", lm_modes[config.lm_mode]),
+        ("trained on", "CLIP text embeddings of captions, no image (docs/text_only.md)" if config.trained_on == "text"
+         else "CLIP image embeddings"),
+        *([("training noise", f"Gaussian, variance {config.noise_variance:g} on the normalised embeddings (CapDec)")]
+          if config.noise_variance else []),
         ("mapping network", f"{m.mapping_type}, prefix length K={m.prefix_length}, LM width {m.lm_dim}"
                             + (f", {m.num_layers} layers" if m.mapping_type == "transformer" else "")),
         ("max caption tokens", config.max_token_length),

@@ -7,6 +7,7 @@ from typing import Any
 
 from prefixcap.model.adapters import LoraSettings
 from prefixcap.model.mapping import MappingConfig
+from prefixcap.retrieval.prompt import RetrievalSettings
 
 ARTIFACT = "prefixcap"  # config.json's "artifact" marker
 
@@ -21,9 +22,14 @@ class CaptionConfig:
     tokenizer: str = ""  # what the dataset was tokenized with (defaults to language_model)
     mapping: MappingConfig = field(default_factory=MappingConfig)
     normalize_prefix: bool = False
+    # How it was trained: on CLIP image embeddings or on caption text embeddings (preprocess --text_only),
+    # with CapDec's Gaussian noise of this variance on the normalised embeddings (training only).
+    trained_on: str = "image"  # image | text
+    noise_variance: float = 0.0
     only_prefix: bool = False  # LM frozen: its weights are not stored, only referenced
     lora: LoraSettings | None = None  # LoRA adapters on the LM (base weights frozen, not stored)
     max_token_length: int = 128  # longest caption seen in training (a generation default)
+    retrieval: RetrievalSettings | None = None  # retrieval-augmented (train --datastore): k, prompt, datastore
     format_version: int = 1
 
     @property
@@ -42,7 +48,8 @@ class CaptionConfig:
             raise ValueError(f"unknown keys in prefixcap config: {sorted(unknown)}")
         mapping = MappingConfig(**data.pop("mapping", {}))
         lora = data.pop("lora", None)
-        return cls(mapping=mapping, lora=LoraSettings(**lora) if lora else None, **data)
+        retrieval = RetrievalSettings.from_dict(data.pop("retrieval", None))
+        return cls(mapping=mapping, lora=LoraSettings(**lora) if lora else None, retrieval=retrieval, **data)
 
     @property
     def lm_mode(self) -> str:

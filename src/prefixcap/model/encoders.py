@@ -14,6 +14,7 @@ from PIL import Image
 
 from prefixcap.data.images import bound_aspect
 from prefixcap.errors import UsageError
+from prefixcap.model.hub import check_reachable
 
 # OpenAI CLIP names (as the original ClipCap and the seed use them) -> Hugging Face model ids.
 # Names with no Hugging Face port (the ResNet CLIPs) are only reachable through open_clip.
@@ -132,6 +133,7 @@ class HFClipEncoder:
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         try:
+            check_reachable(spec.name)  # a missing folder / unreachable Hub: at once, not after retries
             self.model = AutoModel.from_pretrained(spec.name, dtype=self.dtype, **hf_kwargs)
         except (OSError, ValueError) as err:
             raise UnknownEncoderError(f"cannot load CLIP model {spec.requested!r} ({spec.name}): {err}") from err
@@ -181,6 +183,18 @@ class HFClipEncoder:
         batch = self._tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         batch = {k: v.to(self.device) for k, v in batch.items()}
         return _features(self.model.get_text_features(**batch)).float()  # (B, C)
+
+    @property
+    def text_context_length(self) -> int:
+        """Tokens the text tower reads (start and end tokens included); longer texts are cut to it."""
+        return int(getattr(self.model.config.text_config, "max_position_embeddings", 77))
+
+    def text_truncated(self, texts: list[str]) -> list[bool]:
+        """Which texts encode_text cuts to the text tower's context."""
+        if self._tokenizer is None:
+            self._tokenizer = self._tokenizer_loader()
+        ids = self._tokenizer(texts, truncation=False)["input_ids"]
+        return [len(row) > self.text_context_length for row in ids]
 
 
 class OpenClipPreprocessor:
@@ -234,6 +248,14 @@ class OpenClipEncoder:
     @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+
+    @property
+    def text_context_length(self) -> int:
+        return int(getattr(self.tokenizer, "context_length", 77))
+
+    def text_truncated(self, texts: list[str]) -> list[bool]:
+        encode = getattr(self.tokenizer, "encode", None)  # BPE ids without the start/end tokens
+        return [encode is not None and len(encode(t)) + 2 > self.text_context_length for t in texts]
 
 
 BACKENDS: dict[str, type] = {"hf": HFClipEncoder, "open_clip": OpenClipEncoder}

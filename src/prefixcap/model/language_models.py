@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefixcap.errors import PrefixcapError
+from prefixcap.model.hub import check_reachable
 
 # The seed's --tokenizer_model_type values -> LM family and a default checkpoint.
 MODEL_TYPES: dict[str, dict[str, str]] = {
@@ -42,6 +43,7 @@ def detect_family(name_or_path: str, **hf_kwargs: Any) -> str:
     from transformers import AutoConfig
 
     try:
+        check_reachable(name_or_path)  # a missing folder / unreachable Hub: at once, not after retries
         config = AutoConfig.from_pretrained(name_or_path, **hf_kwargs)
     except (OSError, ValueError) as err:
         raise LanguageModelError(f"cannot load the config of language model {name_or_path!r}: {err}") from err
@@ -53,6 +55,7 @@ def load_tokenizer(name_or_path: str, **hf_kwargs: Any):
     from transformers import AutoTokenizer
 
     try:
+        check_reachable(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hf_kwargs)
     except (OSError, ValueError) as err:
         where = "folder" if os.path.isdir(name_or_path) else "Hugging Face model"
@@ -102,6 +105,7 @@ def load_language_model(name_or_path: str, family: str, dtype=None, **hf_kwargs:
 
     cls = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[family]
     try:
+        check_reachable(name_or_path)
         return cls.from_pretrained(name_or_path, dtype=dtype, **hf_kwargs)
     except (OSError, ValueError) as err:
         raise LanguageModelError(f"cannot load language model {name_or_path!r}: {err}") from err

@@ -9,6 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from prefixcap.argtypes import ArgumentParser
+
 PROG = "prefixcap push"
 
 
@@ -17,7 +19,7 @@ class PushUsageError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Upload a prefixcap model folder (or a training "
+    p = ArgumentParser(prog=PROG, description="Upload a prefixcap model folder (or a training "
                                 "checkpoint's model, without its training state) to a Hugging Face Hub model repo.")
     p.add_argument("model", help="model folder (e.g. models/demo_model_final.ckpt)")
     p.add_argument("repo", help="Hub repo id, e.g. your-name/prefixcap-coco")

@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
+from prefixcap.argtypes import ArgumentParser, DefaultsHelpFormatter, non_negative_int, positive_int
 from prefixcap.data.decode import CONVERSIONS, SKIP_REASONS
 from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
 from prefixcap.data.readers import READERS, InputError, ReaderOptions
@@ -26,13 +26,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     from prefixcap.model.language_models import MODEL_TYPES
 
     d = PreprocessConfig()
-    p = argparse.ArgumentParser(prog=prog, description="encode images with CLIP and tokenize captions into shards.",
-                                formatter_class=DefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog, description="encode images with CLIP and tokenize captions into shards.",
+                       formatter_class=DefaultsHelpFormatter)
     io_ = p.add_argument_group("input and output")
     io_.add_argument("--input_dataset", nargs="+", required=True,
                      help='input: brace pattern ("./webdataset/{000..123}.tar"), folder, file(s), URL or pipe:')
     io_.add_argument("--output_folder", default=d.output_folder, help="folder for shards + manifest.json")
-    io_.add_argument("--input_format", default=d.input_format, choices=sorted(READERS), help="input format")
+    io_.add_argument("--input_format", default=None, choices=sorted([*READERS, "text"]),
+                     help="input format (text: .txt files of one caption per line, with --text_only); "
+                          f"default: webdataset for .tar shards (or a folder of them), else {d.input_format}")
+    io_.add_argument("--text_only", action="store_true",
+                     help="no images: store each caption's CLIP text embedding (one row per caption) to train "
+                          "a captioner from text alone (train then adds CapDec noise; see docs/text_only.md)")
     io_.add_argument("--subset_size", type=positive_int, default=None, help="stop after this many input samples")
     io_.add_argument("--samples_per_shard", type=positive_int, default=d.samples_per_shard,
                      help="input samples per output shard (also the unit of resume)")
@@ -68,8 +73,29 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
+def _detected_format(inputs: list[str], prog: str) -> str:
+    """No --input_format: .tar shards (named, brace patterns, or the .tar files of a folder) are webdataset,
+    said on stderr; anything else is read as image files, as before."""
+    from pathlib import Path
+
+    from prefixcap.data.readers import expand_inputs
+
+    names = expand_inputs(inputs)
+    folders = [Path(n) for n in names if Path(n).is_dir()]
+    files = [n for n in names if not Path(n).is_dir()]
+    in_folders = [list(f.glob("*.tar")) for f in folders]
+    tars = [n for n in files if n.lower().endswith(".tar")] + [t for found in in_folders for t in found]
+    if tars and len(tars) - sum(map(len, in_folders)) == len(files) and all(in_folders):
+        print(f"{prog}: reading {len(tars)} .tar shard(s) as --input_format webdataset (pass --input_format to "
+              "choose another)", file=sys.stderr)
+        return "webdataset"
+    return PreprocessConfig().input_format
+
+
 def parse_config(argv: list[str] | None = None, prog: str = PROG) -> PreprocessConfig:
     args = build_parser(prog).parse_args(argv)
+    if args.input_format is None:
+        args.input_format = _detected_format(args.input_dataset, prog)
     reader = reader_options_from_args(args)
     rest = {k: v for k, v in vars(args).items() if k not in {f.name for f in fields(ReaderOptions)}}
     return PreprocessConfig(reader=reader, **rest)
@@ -92,6 +118,9 @@ def print_summary(summary: PreprocessSummary, cfg: PreprocessConfig) -> None:
             out.append("  converted" + "".join(f"\n    {name}: {n}  ({CONVERSIONS.get(name, '')})"
                                               for name, n in manifest.converted.items()))
         out.append(f"  captions truncated to {manifest.max_token_length} tokens: {manifest.num_truncated}")
+        if manifest.text_only:
+            out.append(f"  embeddings: CLIP text embeddings, one per caption ({manifest.text_only['encoder']}, "
+                       f"context {manifest.text_only['context_length']} tokens; longer captions cut to it)")
         if manifest.patch_tokens:
             from prefixcap.model.patch_tokens import describe_storage
 
@@ -110,8 +139,10 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     from prefixcap.model.language_models import LanguageModelError
     from prefixcap.locking import OutputLockedError
 
+    from prefixcap.interrupts import stop_requests
+
     try:
-        with library_messages_on_stderr():
+        with stop_requests(), library_messages_on_stderr():  # Ctrl-C: stop after the current batch
             summary = run_preprocess(cfg)
     except (InputError, SettingsMismatchError, UnknownEncoderError, LanguageModelError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

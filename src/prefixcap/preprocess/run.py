@@ -16,6 +16,7 @@ from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from prefixcap.data.readers import InputError, ReaderConfig, ReaderOptions, make_reader
 from prefixcap.data.shards import FORMAT_VERSION, Manifest
 from prefixcap.devices import resolve_device
+from prefixcap.model.hub import local_or_name
 from prefixcap.runs import rank_and_world
 
 if TYPE_CHECKING:
@@ -51,6 +52,12 @@ class PreprocessConfig:
     overwrite: bool = False  # delete the folder's previous dataset (settings, shards, manifest) first
     store_patch_tokens: bool = False  # also store the encoder's final patch tokens (prefixcap.model.patch_tokens)
     patch_pool: int = 1  # P x P average pooling of the stored patch grid (CLS kept)
+    text_only: bool = False  # one CLIP text embedding per caption instead of image embeddings (preprocess.text)
+
+    def __post_init__(self) -> None:
+        # Local folders are recorded resolved (settings, manifest): the dataset then trains from any folder.
+        self.clip_model = local_or_name(self.clip_model)
+        self.tokenizer_model_variant = local_or_name(self.tokenizer_model_variant)
 
 
 def clear_output(folder: str) -> int:
@@ -90,7 +97,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         raise InputError("--overwrite deletes the folder the other ranks are writing: run it once without a "
                          "launcher, or delete the folder, then launch the ranks without --overwrite")
     reader_cfg = ReaderConfig(list(cfg.input_dataset), cfg.input_format, cfg.reader, cfg.samples_per_shard)
-    reader = make_reader(reader_cfg)  # fails at once on a bad path / column / format
+    reader = _open_reader(cfg, reader_cfg)  # fails at once on a bad path / column / format
     family = family_of_type(cfg.tokenizer_model_type, cfg.tokenizer_model_variant)
     tokenizer = load_tokenizer(cfg.tokenizer_model_variant)
     encoder = None
@@ -124,18 +131,22 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     }
     if patch_record:  # absent otherwise, so folders written before the option resume unchanged
         settings.update(store_patch_tokens=True, patch_pool=cfg.patch_pool)
+    text_record = _text_only_record(cfg, encoder)
+    if text_record:  # absent otherwise, likewise
+        settings["text_only"] = True
     header = Manifest(
         clip_model=cfg.clip_model, embedding_dim=embedding_dim, tokenizer=cfg.tokenizer_model_variant,
         lm_family=family, tokenizer_fingerprint=fingerprint, max_token_length=cfg.max_token_length,
         prefix_length=cfg.prefix_length, input_format=cfg.input_format,
         hub_datasets=list(getattr(reader, "hub_datasets", None) or []), patch_tokens=patch_record or None,
+        text_only=text_record,
         created_by=f"prefixcap {__version__} preprocess", created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     run_cfg = RunConfig(
         output_folder=cfg.output_folder, batch_size=cfg.batch_size, num_prepro_workers=cfg.num_prepro_workers,
         samples_per_shard=cfg.samples_per_shard, subset_size=cfg.subset_size, max_image_pixels=cfg.max_image_pixels,
         jpeg_draft=cfg.jpeg_draft, rank=rank, world_size=world, progress=cfg.progress,
-        patch_pool=cfg.patch_pool if patch_record else None,
+        patch_pool=cfg.patch_pool if patch_record else None, text_only=cfg.text_only,
     )
     from prefixcap.locking import output_lock
 
@@ -146,6 +157,28 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             logger.warning(f"{PROG}: --overwrite: deleted the previous dataset in {cfg.output_folder}")
         return Runner(run_cfg, reader, tokenizer, family, cfg.max_token_length, encoder, settings=settings,
                       manifest_header=header).run()
+
+
+def _open_reader(cfg: PreprocessConfig, reader_cfg: ReaderConfig) -> Any:
+    """The input's reader; with --text_only, one caption per record and no image read (data.text_only)."""
+    if not cfg.text_only:
+        if cfg.input_format == "text":
+            raise InputError("--input_format text holds captions only (one per line): add --text_only")
+        return make_reader(reader_cfg)
+    from prefixcap.data.text_only import make_text_reader
+    from prefixcap.preprocess.text import refuse_image_options
+
+    refuse_image_options(cfg.store_patch_tokens, cfg.patch_pool)
+    return make_text_reader(reader_cfg)
+
+
+def _text_only_record(cfg: PreprocessConfig, encoder: Any) -> dict[str, Any] | None:
+    """The manifest's "text_only" record (what the embeddings are), or None for image embeddings."""
+    if not cfg.text_only:
+        return None
+    from prefixcap.preprocess.text import text_only_record
+
+    return text_only_record(encoder)
 
 
 def _patch_token_record(cfg: PreprocessConfig, encoder: Any) -> dict[str, Any] | None:

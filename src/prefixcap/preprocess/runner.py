@@ -33,6 +33,7 @@ import torch
 from prefixcap.data.images import DEFAULT_MAX_IMAGE_PIXELS, raise_pil_limit
 from prefixcap.data.readers import Reader, Record
 from prefixcap.data.shards import MANIFEST, Manifest, ShardContent, write_shard
+from prefixcap.interrupts import check as check_interrupt
 from prefixcap.preprocess.pixels import PixelPipeline, allocate_buffers, make_pixel_pipeline
 from prefixcap.data.decode import NOT_SAMPLE_REASONS
 from prefixcap.preprocess.progress import (
@@ -60,6 +61,7 @@ class RunConfig:
     log_skipped: int = 20  # print this many skipped keys; all are kept in the shard stats
     progress: bool = True
     patch_pool: int | None = None  # store the encoder's patch tokens, P x P pooled (None: pooled vector only)
+    text_only: bool = False  # records are captions: embed each with the encoder's text tower (preprocess.text)
 
 
 class BatchEnd(enum.Enum):
@@ -189,7 +191,7 @@ class Runner:
         remove_stale_temporaries(self.folder, {u.unit for u in plan.units})
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-        pixels = make_pixel_pipeline(self.encoder) if self.encoder is not None else None
+        pixels = make_pixel_pipeline(self.encoder) if self.encoder is not None and not cfg.text_only else None
         workers = max(0, cfg.num_prepro_workers)
         slots = 3 if workers else 1  # batches in flight: one encoding, the next ones decoding
         use_fork = workers > 0 and "fork" in mp.get_all_start_methods()
@@ -197,7 +199,7 @@ class Runner:
                    if pixels is not None and (use_fork or workers == 0) else None)
         setup = WorkerSetup(pixels.worker_fn if pixels else None, buffers, self.tokenizer, self.family,
                             self.max_token_length, cfg.max_image_pixels,
-                            (pixels.shape[-1] if cfg.jpeg_draft and pixels else None))
+                            (pixels.shape[-1] if cfg.jpeg_draft and pixels else None), text_only=cfg.text_only)
         raise_pil_limit(cfg.max_image_pixels)  # decode_image checks the limit itself; PIL must not be stricter
         pool = ProcessPool(setup, workers, "fork" if use_fork else "spawn") if workers else InlinePool(setup)
         feed = _Feed(pool, queue.Queue(maxsize=slots + 1), queue.Queue(), max(workers, 1))
@@ -302,6 +304,7 @@ class Runner:
             if job.end_of_part:
                 self._write(current, job, summary)
                 current = None
+            check_interrupt()  # Ctrl-C: stop after this batch (complete shards are kept)
 
     def _add(self, part: _PartBuffer, items: list[ItemResult], ok: list[int], embeddings: np.ndarray,
              patch: np.ndarray | None) -> None:
@@ -339,6 +342,14 @@ class Runner:
         if not ok:
             shape = self.header.patch_tokens["num_tokens"] if pool else 0
             return np.zeros((0, dim), np.float16), (np.zeros((0, shape, dim), np.float16) if pool else None)
+        if self.cfg.text_only:  # one caption per record: its CLIP text embedding
+            from prefixcap.preprocess.text import TEXT_TRUNCATED, encode_captions
+
+            embeddings, cut = encode_captions(self.encoder, [items[i].captions[0] for i in ok])  # (n, C)
+            for i, was_cut in zip(ok, cut):
+                if was_cut:
+                    items[i].conversions.append(TEXT_TRUNCATED)
+            return embeddings, None
         if items[ok[0]].embedding is not None:
             return np.stack([items[i].embedding for i in ok]).astype(np.float16), None  # (n, C)
         if buffers is not None:

@@ -37,6 +37,7 @@ class WorkerSetup:
     max_token_length: int
     max_pixels: int
     draft_size: int | None
+    text_only: bool = False  # records are captions only (data.text_only): tokenize, never decode an image
 
 
 @dataclass
@@ -84,6 +85,8 @@ def _process_record(setup: WorkerSetup, record: Record, slot: int, row: int) -> 
         return result
     if record.embedding is not None:
         result.embedding = record.embedding
+        return result
+    if setup.text_only:  # the main process embeds the caption (preprocess.text)
         return result
     data = record.image
     if isinstance(data, str):
@@ -140,6 +143,10 @@ _PROCESS_SETUP: WorkerSetup | None = None
 
 def _worker_init(setup: WorkerSetup) -> None:
     global _PROCESS_SETUP
+    # A forked worker inherits the main process's stop-request handler (prefixcap.interrupts), which
+    # runs only when the worker's main thread executes Python; blocked in native code it would never
+    # die of pool.terminate()'s SIGTERM and the pool's join would hang. Workers die of SIGTERM at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _PROCESS_SETUP = setup
     raise_pil_limit(setup.max_pixels)  # spawned workers start with PIL's default
     torch.set_num_threads(1)

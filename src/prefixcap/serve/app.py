@@ -29,7 +29,7 @@ from prefixcap import __version__
 from prefixcap.generation import GenerationSettings
 from prefixcap.serve.batching import BatchCaptioner, BatcherClosed, DynamicBatcher, QueueFull, RequestTimeout
 from prefixcap.serve.config import ServeConfig, public_name, redact_paths
-from prefixcap.serve.guards import ApiError, BodyBudget, BodyGuard, HostGuard
+from prefixcap.serve.guards import ApiError, BodyBudget, BodyGuard, HostGuard, RequestLimit
 from prefixcap.serve.memory import MemoryTrimmer
 from prefixcap.serve.requests import (ImageError, RequestImage, decode_upload, fetch_url, read_caption_request,
                                      resolve_options)
@@ -66,10 +66,20 @@ def describe_model(captioner: Any, config: ServeConfig) -> dict[str, Any]:
         "mapping": mapping,
         "prefix_length": mapping.get("prefix_length"),
         "normalize_prefix": artifact.get("normalize_prefix"),
+        "retrieval": _retrieval(captioner),
         "device": str(getattr(captioner, "device", config.device)),
         "artifact": artifact,
         "limits": config.limits(),
     }
+
+
+def _retrieval(captioner: Any) -> dict[str, Any] | None:
+    """The datastore a retrieval model searches (per batch), by its folder's name; None without retrieval."""
+    retriever = getattr(captioner, "retriever", None)
+    if retriever is None:
+        return None
+    return {"k": retriever.settings.k, "prompt_format": retriever.settings.prompt_format,
+            "datastore": public_name(str(retriever.datastore.path)), "captions": len(retriever.datastore)}
 
 
 def _default_max_new_tokens(captioner: Any, config: ServeConfig) -> int:
@@ -293,6 +303,8 @@ def create_app(captioner: BatchCaptioner, config: ServeConfig | None = None) -> 
     app.add_middleware(BodyGuard, max_bytes=config.max_upload_bytes, budget=app.state.body_budget,
                        body_timeout_s=config.body_timeout_s, on_done=MemoryTrimmer())
     app.add_middleware(HostGuard, allowed=config.hosts())
+    # Outermost: requests in progress (--max_connections), and the 503 for those cut by a shutdown.
+    app.add_middleware(RequestLimit, max_requests=config.max_connections)
     _install_error_handlers(app)
     _install_routes(app)
     _install_openapi(app)

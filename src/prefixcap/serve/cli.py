@@ -14,12 +14,13 @@ import sys
 import warnings
 from dataclasses import MISSING, fields
 
+from prefixcap.argtypes import ArgumentParser
 from prefixcap.serve.batching import BatchConfig
 from prefixcap.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
-EXTRA_HINT = 'pip install "prefixcap[serve]"'
+EXTRA_HINT = "pip install -e '.[serve]' in a checkout, pip install 'prefixcap[serve]' otherwise"
 
 
 def _defaults(cls: type) -> dict:
@@ -29,8 +30,10 @@ def _defaults(cls: type) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     d, b = _defaults(ServeConfig), _defaults(BatchConfig)
-    p = argparse.ArgumentParser(prog="prefixcap serve", description="HTTP captioning service with a web page.")
+    p = ArgumentParser(prog="prefixcap serve", description="HTTP captioning service with a web page.")
     p.add_argument("--model", required=True, help="trained prefixcap model: a folder or a Hub repo id")
+    p.add_argument("--datastore", default=None, help="a retrieval model's caption datastore, searched per batch "
+                   "(default: the one it was trained with; docs/retrieval.md)")
     p.add_argument("--host", default=d["host"], help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=d["port"])
     p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1, mps ...")
@@ -69,7 +72,8 @@ def _add_connection_args(p: argparse.ArgumentParser, d: dict) -> None:
                    help="request bodies being handled at once, in total; beyond it requests wait "
                         "briefly, then get 503 + Retry-After")
     g.add_argument("--max_connections", type=int, default=d["max_connections"],
-                   help="open connections (uvicorn limit_concurrency); beyond it: 503")
+                   help="requests in progress at once; beyond it: JSON 503 + Retry-After (idle kept-alive "
+                        "connections do not count; past this many, the oldest idle one is closed)")
     g.add_argument("--keep_alive_s", type=float, default=d["keep_alive_s"],
                    help="idle time before a kept-alive connection is closed")
     g.add_argument("--header_timeout_s", type=float, default=d["header_timeout_s"],
@@ -92,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if not hosts:
             raise ValueError("--allowed_hosts names no host (give e.g. 'captions.example.org,localhost' or '*')")
     return ServeConfig(
-        model=args.model, host=args.host, port=args.port, device=args.device, batch=batch,
+        model=args.model, datastore=args.datastore, host=args.host, port=args.port, device=args.device, batch=batch,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request, max_num_beams=args.max_num_beams,
         max_new_tokens_limit=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
@@ -152,12 +156,16 @@ def _load_and_serve(config: ServeConfig, sock) -> int:
     from PIL import Image
 
     from prefixcap.caption.captioner import Captioner as PrefixCaptioner
+    from prefixcap.retrieval.datastore import DatastoreError
     from prefixcap.serve.app import create_app
     from prefixcap.serve.http import run_server
     from prefixcap.serve.memory import tune_malloc
 
     try:
-        captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device)
+        captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device, datastore=config.datastore)
+    except DatastoreError as err:  # a --datastore that is missing, empty or of another CLIP width
+        print(f"prefixcap serve: {err}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as err:
         print(f"prefixcap serve: cannot load model {config.model!r}: {err}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ class ServeConfig:
     """Everything `prefixcap serve` is configured with; /v1/model reports the limits."""
 
     model: str = ""
+    datastore: str | None = None  # a retrieval model's datastore (None: the one it was trained with)
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
@@ -47,7 +48,7 @@ class ServeConfig:
     # Bodies of requests being handled at once: each one's bytes are reserved before it is read.
     # Peak memory is a small multiple of it (JSON text + decoded base64 + the decoded images).
     max_inflight_bytes: int = 100 * 1024 * 1024
-    max_connections: int | None = 512  # uvicorn limit_concurrency: beyond it, 503 + Connection: close
+    max_connections: int | None = 512  # requests in progress (serve.guards.RequestLimit); beyond it JSON 503
     keep_alive_s: float = 5.0  # idle time between requests on a kept-alive connection
     header_timeout_s: float = 10.0  # a request's headers must be complete this long after its first byte
     body_timeout_s: float = 60.0  # the whole body must have arrived this long after the headers (else 408)

@@ -1,15 +1,17 @@
 """ASGI guards in front of the captioning app: Host allow-list, body size, bytes in flight, body deadline.
 
-Pure ASGI (no FastAPI), so each guard answers before any route runs and never reads more of a
-body than it must. Every refusal is the service's JSON error shape
-`{"error": {"code", "status", "message"}}`. A response sent before the request body was read to
-its end carries `Connection: close`: the rest of the body would otherwise still be read (and
+Pure ASGI (no FastAPI), so each guard answers before any route runs. Every refusal is the
+service's JSON error shape `{"error": {"code", "status", "message"}}`. A route that answers before
+it read a body within --max_upload_mb (a 415, a 400) has the rest of the body read first, so the
+client sees the answer; a refusal sent before the body was read to its end (413, 503, a refused
+Host) carries `Connection: close`: the rest of the body would otherwise still be read (and
 thrown away) by the server, or be parsed as the next request on a keep-alive connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -162,7 +164,7 @@ class BodyGuard:
                 self.on_done(reserve)
 
     async def _guarded(self, scope: dict, receive: Callable, send: Callable, has_body: bool) -> None:
-        state = {"body_done": not has_body, "received": 0, "started": False}
+        state = {"body_done": not has_body, "received": 0, "started": False, "refused": False}
         deadline = time.monotonic() + self.body_timeout_s
 
         async def guarded_receive() -> dict:
@@ -171,11 +173,13 @@ class BodyGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
             except asyncio.TimeoutError:
+                state["refused"] = True
                 raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s "
                                                     "(--body_timeout_s)") from None
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > self.max_bytes:  # chunked uploads announce no length
+                    state["refused"] = True
                     raise ApiError(413, "too_large", self._too_large())
                 state["body_done"] = not message.get("more_body", False)
             else:
@@ -185,6 +189,12 @@ class BodyGuard:
         async def guarded_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 state["started"] = True
+                # An answer before the body's end (a 415, a 400): the body is within the limit, so read
+                # it first; a client still sending would otherwise lose the answer to a reset. Not after
+                # this guard refused the body (413 / 408): that answer closes the connection at once.
+                with contextlib.suppress(ApiError):  # too slow or too long after all: close instead
+                    while not state["body_done"] and not state["refused"]:
+                        await guarded_receive()
                 headers = list(message.get("headers", []))
                 if (not state["body_done"] or message["status"] >= 500) and _CLOSE not in headers:
                     message = {**message, "headers": headers + [_CLOSE]}
@@ -196,3 +206,48 @@ class BodyGuard:
             if state["started"]:
                 raise
             await send_error(send, err.status, err.code, err.message, err.headers)
+
+
+# --- requests in progress, and the end of a graceful shutdown ---------------------------------------
+class RequestLimit:
+    """At most `max_requests` requests in progress (--max_connections); beyond it a JSON 503 `busy`
+    with Retry-After. Idle keep-alive connections hold no request, so they do not count (the
+    protocol closes the oldest idle one when the open connections pass the limit, serve.http).
+
+    Also the answer to a request still running when --graceful_shutdown_s runs out: uvicorn then
+    cancels its task, and instead of its plain-text 500 the client gets the JSON 503 `shutting_down`.
+    """
+
+    def __init__(self, app: Any, max_requests: int | None):
+        self.app, self.max_requests = app, max_requests
+        self.in_progress = 0
+        self.refused = 0
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.max_requests is not None and self.in_progress >= self.max_requests:
+            self.refused += 1
+            await send_error(send, 503, "busy", f"this server is handling {self.in_progress} requests, its limit "
+                                                "(--max_connections); retry later", {"Retry-After": "1"})
+            return
+        started = False
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if started:
+                raise
+            # uvicorn cancels what still runs when --graceful_shutdown_s is over; answer it properly
+            await send_error(send, 503, "shutting_down", "the server is shutting down and this request did not "
+                                                         "finish in time (--graceful_shutdown_s); retry it",
+                             {"Retry-After": "5"})
+        finally:
+            self.in_progress -= 1

@@ -1,11 +1,13 @@
 """Running the service on uvicorn with bounded connections: limits, timeouts, a header deadline.
 
-uvicorn's own settings cover most of it: `limit_concurrency` (--max_connections),
-`timeout_keep_alive` (idle time between requests), `timeout_graceful_shutdown` and
-`h11_max_incomplete_event_size` (the size of a request's headers). What uvicorn lacks is a
+uvicorn's own settings cover most of it: `timeout_keep_alive` (idle time between requests),
+`timeout_graceful_shutdown` and `h11_max_incomplete_event_size` (the size of a request's
+headers). What uvicorn lacks is a
 deadline for *receiving* a request: its keep-alive timer is reset by every byte, so a client
 sending one header byte per second holds a connection forever. `DeadlineH11Protocol` adds that
-deadline; the body's own deadline is an ASGI guard (serve.guards.BodyGuard, 408).
+deadline; the body's own deadline is an ASGI guard (serve.guards.BodyGuard, 408). --max_connections
+bounds the requests in progress (serve.guards.RequestLimit); past that many open connections,
+the protocol closes an idle kept-alive one for each new one (uvicorn's keep-alive expiry, early).
 
 It also closes connections *lingering*: an answer sent before the request body has arrived (413,
 503, 408, a refused Host) is followed by a FIN, and the rest of the body is read and dropped for
@@ -70,12 +72,25 @@ class DeadlineH11Protocol(H11Protocol):
     Unlike the keep-alive timer, the deadline is not pushed back by data."""
 
     header_timeout_s: float = 10.0
+    max_connections: int | None = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self._header_timer: Any = None
         super().connection_made(transport)
         self.transport = _LingeringTransport(transport, self)  # type: ignore[assignment]
         self._arm()
+        if self.max_connections is not None and len(self.connections) > self.max_connections:
+            self._close_an_idle_connection()
+
+    def _close_an_idle_connection(self) -> None:
+        """Make room: close one kept-alive connection that waits for a next request (uvicorn's own
+        keep-alive expiry, early). Its client reconnects when it has a request; one in progress is kept."""
+        for other in list(self.connections):
+            # A kept-alive connection between requests is exactly one whose keep-alive timer runs.
+            if other is not self and getattr(other, "timeout_keep_alive_task", None) is not None:
+                other._unset_keepalive_if_required()
+                other.timeout_keep_alive_handler()
+                return
 
     def data_received(self, data: bytes) -> None:
         if self.transport.lingering:  # type: ignore[attr-defined]
@@ -109,17 +124,21 @@ class DeadlineH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def protocol_class(header_timeout_s: float) -> type[DeadlineH11Protocol]:
-    """A DeadlineH11Protocol with this deadline (uvicorn instantiates the class itself)."""
-    return type("DeadlineH11Protocol", (DeadlineH11Protocol,), {"header_timeout_s": header_timeout_s})
+def protocol_class(header_timeout_s: float, max_connections: int | None = None) -> type[DeadlineH11Protocol]:
+    """A DeadlineH11Protocol with this deadline and room (uvicorn instantiates the class itself)."""
+    return type("DeadlineH11Protocol", (DeadlineH11Protocol,),
+                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
 
 
 def uvicorn_config(app: Any, config: ServeConfig, **overrides: Any) -> uvicorn.Config:
     """The uvicorn settings of `prefixcap serve`: one place, so tests serve exactly what users get."""
     settings: dict[str, Any] = dict(
         host=config.host, port=config.port, log_level=config.log_level,
-        http=protocol_class(config.header_timeout_s), ws="none", lifespan="on",
-        limit_concurrency=config.max_connections, timeout_keep_alive=config.keep_alive_s,
+        http=protocol_class(config.header_timeout_s, config.max_connections), ws="none", lifespan="on",
+        # --max_connections is enforced by serve.guards.RequestLimit (requests in progress, a JSON 503
+        # with Retry-After), not by uvicorn's limit_concurrency: that counts idle keep-alive connections
+        # too, so 200 connections at once with a limit of 150 were all refused, in plain text.
+        limit_concurrency=None, timeout_keep_alive=config.keep_alive_s,
         timeout_graceful_shutdown=config.graceful_shutdown_s, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     settings.update(overrides)

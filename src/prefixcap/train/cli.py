@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from prefixcap.argtypes import DefaultsHelpFormatter, non_negative_int, positive_int
+from prefixcap.argtypes import ArgumentParser, DefaultsHelpFormatter, non_negative_int, positive_int
 from prefixcap.train.config import HF_KWARGS, MIXED_PRECISION, TRACKERS, TrainConfig, TrainResult
 from prefixcap.runs import is_main_process
 from prefixcap.train.run import train
@@ -22,7 +22,7 @@ PROG = "prefixcap train"
 def build_parser() -> argparse.ArgumentParser:
     """The one parser behind `prefixcap train` and the root train.py (the seed's flags first)."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=PROG, description="Train a ClipCap-style mapping network on a preprocessed dataset.",
         formatter_class=DefaultsHelpFormatter)
     _add_seed_args(p, d)
@@ -63,6 +63,9 @@ def _add_seed_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     s.add_argument("--num_attention_heads", type=positive_int, default=d.num_attention_heads,
                    help="transformer mapper attention heads")
     s.add_argument("--normalize_prefix", action="store_true", help="L2-normalise CLIP embeddings (saved with the model)")
+    s.add_argument("--noise_variance", type=_non_negative_float, default=None,
+                   help="CapDec: add Gaussian noise of this variance to the normalised embeddings while training "
+                        "(turns --normalize_prefix on); default 0.016 on a text-only dataset, else 0")
     s.add_argument("--use_deepspeed", action="store_true", help="DeepSpeed ZeRO through Accelerate (GPU only)")
     s.add_argument("--gpu_devices", default=None,
                    help='"0", "0,1,..." or "-1" for all GPUs ("cpu" forces the CPU); default "0", '
@@ -127,6 +130,10 @@ def _add_adaptation_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                          "the small adapter")
     lm.add_argument("--gradient_checkpointing", action="store_true",
                     help="recompute the LM's activations in the backward pass: less memory, ~20-30%% slower")
+    r = p.add_argument_group("retrieval augmentation (docs/retrieval.md)")
+    r.add_argument("--datastore", default=None, help="a caption datastore (prefixcap datastore build): each image's "
+                   "nearest captions, its own left out, prompt the LM (SmallCap)")
+    r.add_argument("--retrieval_k", type=positive_int, default=d.retrieval_k, help="retrieved captions per image")
     hub = p.add_argument_group("Hugging Face Hub")
     hub.add_argument("--push_to_hub", metavar="REPO", default=None,
                      help="upload the final model (with its model card) to this Hub repo at the end")
@@ -144,6 +151,16 @@ def _add_loading_args(p: argparse.ArgumentParser, d: TrainConfig) -> None:
             hf.add_argument(f"--{name}", action="store_true", default=None, help=help_)
         else:
             hf.add_argument(f"--{name}", type=kind, default=None, help=help_)
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return number
 
 
 def _ratio(value: str) -> float:
@@ -173,13 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 a refused flag or configuration, 1 a failure while running, 130 Ctrl-C."""
     from prefixcap.cli_logging import library_messages_on_stderr
     from prefixcap.errors import PrefixcapError, exit_code_for
+    from prefixcap.interrupts import stop_requests
 
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after tokenizers ran
     cfg = parse_config(argv)
     main_process = is_main_process()
     try:
-        with library_messages_on_stderr():
+        with stop_requests(), library_messages_on_stderr():  # Ctrl-C: stop after the current step
             result = train(cfg, argv)
     except PrefixcapError as err:  # TrainConfigError (2), TrainRuntimeError / OutputLockedError (1), ...
         print(f"{PROG}: error: {err}", file=sys.stderr)

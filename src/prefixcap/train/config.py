@@ -27,6 +27,18 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("tensorboard", "wandb")
 
 
+def default_num_workers(most: int = 4) -> int:
+    """DataLoader workers by default: `most`, but no more than the CPUs this process may use (torch
+    warns about more workers than that)."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(most, cpus))
+
+
 class TrainConfigError(UsageError):
     """A refused configuration: the message names the flag and what was expected (exit status 2)."""
 
@@ -57,6 +69,11 @@ class TrainConfig:
     num_layers: int = 8
     num_attention_heads: int = 8
     normalize_prefix: bool = False
+    # CapDec: Gaussian noise of this variance on the normalised embeddings, training only (model.noise).
+    # None: 0.016 on a text-only dataset (preprocess --text_only), else 0.
+    noise_variance: float | None = None
+    datastore: str | None = None  # retrieval-augmented training: prompts from this datastore (prefixcap.retrieval)
+    retrieval_k: int = 4  # captions per prompt (SmallCap's k)
     use_deepspeed: bool = False
     deepspeed_stage: int = 2
     gpu_devices: str | None = None  # None: "0", unless a launcher already assigned devices
@@ -73,7 +90,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0: validate at the end of each epoch only
     eval_cider_images: int = 0  # >0: also caption that many validation images and report CIDEr
     resume: str | None = None  # "latest" or a checkpoint folder
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)  # 4, fewer on a smaller machine
     group_by_length: bool = True
     log_with: str | None = None
     logging_dir: str | None = None

@@ -32,6 +32,14 @@ def check_data_dir(cfg: TrainConfig) -> None:
                                "prefixcap preprocess --output_folder ...)")
     if not folder.is_dir():
         raise TrainConfigError(f"--data_dir {cfg.data_dir}: not a folder (expected a preprocessed dataset folder)")
+    started = any((folder / name).exists() for name in ("manifest.json", "settings.json", "shards"))
+    if not started:  # raw input (tars, images), not something preprocess began to write
+        tars = len(list(folder.glob("*.tar")))
+        holds = f"it holds {tars} .tar file(s), " if tars else ""
+        raise TrainConfigError(f"--data_dir {cfg.data_dir} is not a preprocessed dataset folder ({holds}no "
+                               "manifest.json): make one with prefixcap preprocess --input_dataset "
+                               f"{cfg.data_dir} --output_folder DATA (or python3 create_dataset.py ...), "
+                               "then train with --data_dir DATA")
 
 
 def check_validation_flags(cfg: TrainConfig) -> None:
@@ -45,11 +53,24 @@ def open_data(cfg: TrainConfig):
     """The CaptionDataset of --data_dir, reading what the mapper needs."""
     from prefixcap.data.loader import CaptionDataset
 
+    from prefixcap.train.text_only import refuse_image_flags
+
     check_data_dir(cfg)
+    refuse_image_flags(cfg)
     try:
-        return CaptionDataset(cfg.data_dir, features=mapper_features(cfg))
+        data = CaptionDataset(cfg.data_dir, features=mapper_features(cfg))
     except (FileNotFoundError, ValueError) as err:  # ValueError: a token mapper on a dataset without tokens
         raise TrainConfigError(f"--data_dir {cfg.data_dir}: {err}") from err
+    return _with_retrieval(cfg, data, "train")
+
+
+def _with_retrieval(cfg: TrainConfig, data, subfolder: str):
+    """With --datastore: the dataset whose samples carry their image's retrieval prompt (computed once)."""
+    if not cfg.datastore:
+        return data
+    from prefixcap.retrieval.training import with_retrieval
+
+    return with_retrieval(data, cfg.datastore, cfg.retrieval_k, cfg.output_dir, subfolder=subfolder)
 
 
 def build_loaders(cfg: TrainConfig, data, lengths, cpu: bool, world: int, rank: int) -> Loaders:
@@ -76,6 +97,7 @@ def build_loaders(cfg: TrainConfig, data, lengths, cpu: bool, world: int, rank: 
         except (FileNotFoundError, ValueError) as err:
             raise TrainConfigError(f"--val_data_dir {cfg.val_data_dir}: {err}") from err
         _check_val_manifest(cfg, val_data.manifest, data.manifest)
+        val_data = _with_retrieval(cfg, val_data, "val")
         val_idx = np.arange(len(val_data), dtype=np.int64)
     sampler = LengthGroupedBatchSampler(train_idx, lengths[train_idx], cfg.batch_size, seed=cfg.seed,
                                         num_replicas=world, rank=rank, group_by_length=cfg.group_by_length)

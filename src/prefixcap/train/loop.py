@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prefixcap.interrupts import check as check_interrupt
 from prefixcap.train.config import TrainResult
 from prefixcap.train.publish import announce, prune_epoch_checkpoints, push, save
 from prefixcap.train.validation import Validator
@@ -65,6 +66,7 @@ class TrainingLoop:
         started = time.perf_counter()
         self.samples_this_run = 0
         stop = done
+        check_interrupt()  # a Ctrl-C during the setup
         while not stop and state.epoch < cfg.epochs:
             stop = self._run_epoch()
         self._finish(time.perf_counter() - started, done)
@@ -93,6 +95,7 @@ class TrainingLoop:
                 stop = self._after_optimizer_step(i, meter, bar)
             if stop:
                 break
+            check_interrupt()  # Ctrl-C: stop here, after the step (and its save) is done
         bar.close()
         return self._end_epoch(epoch, meter, stop)
 
@@ -113,12 +116,12 @@ class TrainingLoop:
             torch.manual_seed(_group_seed(cfg.seed, self.rank, state.global_step))
         boundary = i + 1 == group_start + group_size
         acc.sync_gradients = boundary
-        emb, tokens, mask = self.built.to_device(batch)
+        emb, tokens, mask, *prompt_mask = self.built.to_device(batch)  # prompt_mask: with --datastore
         # DeepSpeed keeps partitioned gradients itself (no_sync is incompatible with ZeRO-2).
         quiet = not boundary and not self.built.is_deepspeed
         ctx = acc.no_sync(self.model) if quiet else contextlib.nullcontext()
         with ctx:
-            loss = self.model(emb, tokens, mask)
+            loss = self.model(emb, tokens, mask, *prompt_mask)
             # accelerate divides by gas; a short last group of the epoch is rescaled.
             acc.backward(loss * (gas / group_size))
         if boundary:

@@ -13,6 +13,7 @@ from typing import Any
 
 from prefixcap.data.shards import Manifest
 from prefixcap.errors import first_line
+from prefixcap.model.hub import local_or_name
 from prefixcap.train.config import TrainConfig, TrainConfigError
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_
     """Build (CaptionConfig, lm, tokenizer), refusing settings that contradict the dataset."""
     from prefixcap.model.language_models import LanguageModelError, load_language_model
     from prefixcap.model.config import CaptionConfig
+    from prefixcap.train.text_only import embedding_settings
 
     where = f"the dataset {cfg.data_dir}"
     dim = int(manifest.embedding_dim or embedding_dim)
@@ -57,12 +59,17 @@ def resolve_model(cfg: TrainConfig, manifest: Manifest, embedding_dim: int, max_
             f"--prefix_length {k} + the longest caption of {where} ({max_caption_tokens} tokens) exceeds "
             f"{name}'s {max_pos} positions; use a shorter prefix or preprocess with a smaller --max_token_length")
     mapping = _mapping_config(cfg, manifest, where, name, dim, k, lm)
+    normalize, trained_on, noise = embedding_settings(cfg, manifest)  # text-only: CapDec noise (train.text_only)
     config = CaptionConfig(
-        clip_model=str(manifest.clip_model), language_model=name, lm_family=family,
-        tokenizer=manifest.tokenizer or name, mapping=mapping,
-        normalize_prefix=cfg.normalize_prefix, only_prefix=cfg.only_prefix,
+        clip_model=local_or_name(str(manifest.clip_model)), language_model=name, lm_family=family,
+        tokenizer=local_or_name(manifest.tokenizer) or name, mapping=mapping,
+        normalize_prefix=normalize, only_prefix=cfg.only_prefix, trained_on=trained_on, noise_variance=noise,
         max_token_length=int(manifest.max_token_length or max_caption_tokens))
     config.lora = lora_settings(cfg, lm)
+    if cfg.datastore:  # retrieval-augmented: the artifact records k, the prompt format and its datastore
+        from prefixcap.retrieval.training import settings as retrieval_settings
+
+        config.retrieval = retrieval_settings(cfg.datastore, cfg.retrieval_k)
     return config, lm, tokenizer
 
 
@@ -77,13 +84,15 @@ def _language_model_and_tokenizer(cfg: TrainConfig, manifest: Manifest, where: s
     )
 
     data_tok = manifest.tokenizer
-    name = cfg.language_model or cfg.language_model_variant or data_tok or "gpt2-xl"
-    flag = "--language_model" if cfg.language_model else "--language_model_variant"
+    name = local_or_name(cfg.language_model or cfg.language_model_variant or data_tok or "gpt2-xl")
+    flag = ("--language_model" if cfg.language_model else "--language_model_variant" if cfg.language_model_variant
+            else "the dataset's tokenizer (its manifest.json; choose another with --language_model)" if data_tok
+            else "--language_model_variant")
     tok_kwargs = {k_: v for k_, v in cfg.hf_kwargs.items() if k_ in _TOKENIZER_KWARGS}
     try:
         if cfg.language_model_type:
             family = family_of_type(cfg.language_model_type, name, **tok_kwargs)
-        elif name == data_tok and manifest.lm_family:
+        elif name == local_or_name(data_tok) and manifest.lm_family:
             family = manifest.lm_family
         else:
             family = detect_family(name, **tok_kwargs)

@@ -31,9 +31,9 @@ class Validator:
         totals = torch.zeros(2, device=built.device, dtype=torch.float64)
         with torch.no_grad():
             for batch in val_loader:
-                emb, tokens, mask = built.to_device(batch)
-                loss = model(emb, tokens, mask)
-                n = mask.sum()
+                emb, tokens, mask, *target = built.to_device(batch)  # target: the caption tokens, with --datastore
+                loss = model(emb, tokens, mask, *target)
+                n = (target[0] * mask).sum() if target else mask.sum()
                 totals += torch.stack([loss.double() * n, n.double()])
         totals = built.accelerator.reduce(totals, reduction="sum")
         model.train(was_training)
@@ -51,6 +51,7 @@ class Validator:
             from prefixcap.caption.captioner import Captioner
             from prefixcap.evaluate.scoring import evaluate_predictions
             from prefixcap.caption.pipeline import Item, PipelineOptions, caption_items
+            from prefixcap.retrieval.inference import retriever_for
 
             data, val_idx = built.loaders.val_data.data, built.loaders.val_idx
             images = data.caption_image_indices()[val_idx]
@@ -66,7 +67,9 @@ class Validator:
             model = built.unwrapped()
             was_training = model.training
             try:  # Captioner puts the model in eval mode; training must get its dropout back even on failure
-                captioner = Captioner(model)
+                # A retrieval model captions with its prompt (the validation images' own captions are not
+                # left out: a datastore that holds them makes this CIDEr optimistic).
+                captioner = Captioner(model, retriever=retriever_for(model))
                 keys = list(refs)
                 items = (Item(k, embedding=emb[k]) for k in keys)
                 results = list(caption_items(captioner, items, PipelineOptions(num_workers=1)))  # no decoding
