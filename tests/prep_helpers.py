@@ -113,6 +113,24 @@ def fork_main(main, args: list[str], **env: str):
     return child
 
 
+def kill_after_files(child, folder: Path, pattern: str, count: int, timeout: float = 240, poll: float = 0.01) -> None:
+    """kill -9 a fork_main child as soon as `count` files matching `pattern` exist in `folder` (finished
+    pieces of its run): an interruption with some work done and some not."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and child.is_alive():
+        if len(list(folder.glob(pattern))) >= count:
+            break
+        time.sleep(poll)
+    assert child.is_alive(), "the child finished before it could be killed"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(timeout=30)
+    assert child.exitcode == -signal.SIGKILL
+
+
 def run_args(inputs, out, clip, lm, *extra, fmt="webdataset", model_type="gpt2"):
     """`prefixcap preprocess` flags for a CPU run of the tiny models, no progress bar."""
     inputs = [inputs] if isinstance(inputs, (str, Path)) else inputs

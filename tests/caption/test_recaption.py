@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ from prefixcap.caption.cli import main
 from prefixcap.model.mapping import MappingConfig
 from prefixcap.model import CaptionConfig, CaptionModel
 from prefixcap.caption.pipeline import Item, PipelineOptions, caption_items
-from prep_helpers import fork_main, image_bytes, write_tar
+from prep_helpers import fork_main, image_bytes, kill_after_files, write_tar
 
 C = 16
 SIZE = (48, 40)
@@ -202,15 +199,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(many_tars, model_dir):
     work, _ = many_tars
     out = work / "killed"
     child = fork_main(main, caption_args(model_dir, [work / "wds"], out, *SLOW))
-    deadline = time.time() + 240
-    while time.time() < deadline and child.is_alive():
-        if len(list(out.glob("*_stats.json"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert child.is_alive(), "the child finished before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.join(timeout=30)
-    assert child.exitcode == -signal.SIGKILL
+    kill_after_files(child, out, "*_stats.json", 2)
     assert not (out / "caption_summary.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
     assert 2 <= len(before) < NUM_TARS

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,8 @@ import torch
 from prefixcap import load_preprocessed
 from prefixcap.data.shards import SHARD_DIR
 from prefixcap.preprocess.cli import main
-from prep_helpers import (awkward_images, fork_main, image_bytes, reference_embeddings, run_args,
-                          simple_webdataset, write_tar)
+from prep_helpers import (awkward_images, fork_main, image_bytes, kill_after_files, reference_embeddings,
+                          run_args, simple_webdataset, write_tar)
 
 REPO = Path(__file__).resolve().parents[2]
 SIZE = (64, 48)
@@ -247,15 +245,7 @@ def test_resume_after_kill_9_matches_uninterrupted_run(resume_data, tiny_clip, t
     work, pattern = resume_data
     out = work / "killed"
     child = fork_main(main, run_args(pattern, out, tiny_clip, tiny_gpt2, *RESUME_EXTRA))
-    deadline = time.time() + 240
-    while time.time() < deadline and child.is_alive():
-        if len(list((out / SHARD_DIR).glob("*.json"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert child.is_alive(), "the child finished before it could be killed"
-    os.kill(child.pid, signal.SIGKILL)
-    child.join(timeout=30)
-    assert child.exitcode == -signal.SIGKILL
+    kill_after_files(child, out / SHARD_DIR, "*.json", 2, poll=0.02)
     assert not (out / "manifest.json").exists()
     before = {p.name: p.stat().st_mtime_ns for p in (out / SHARD_DIR).glob("*.json")}
     assert 2 <= len(before) < 16
