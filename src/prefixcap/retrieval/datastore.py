@@ -9,10 +9,14 @@ A datastore folder (written by `prefixcap datastore build`, prefixcap.retrieval.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import threading
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +30,7 @@ CAPTIONS = "captions.arrow"
 EMBEDDINGS = "embeddings.f32"
 INDEX = "index.faiss"
 INDEX_TYPES = ("flat", "ivf", "hnsw")
+Exclude = str | Collection[str] | None  # a query's own key(s): its captions are never retrieved for it
 
 
 class DatastoreError(UsageError):
@@ -62,6 +67,11 @@ class DatastoreManifest:
             return cls(**data)
         except (ValueError, TypeError) as err:
             raise DatastoreError(f"datastore {folder}: unreadable {MANIFEST}: {err}") from err
+
+    def identity(self) -> str:
+        """What this datastore is, wherever its folder lies: a hash of its manifest (a rebuild or an --append
+        changes it, a copy keeps it)."""
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Datastore:
@@ -109,25 +119,42 @@ class Datastore:
             raise DatastoreError(f"datastore {self.path} holds {self.embedding_dim}-d CLIP embeddings "
                                  f"({self.manifest.clip_model}) but {what} has {dim}-d ones")
 
-    def search(self, queries: np.ndarray, k: int, exclude_keys: list[str] | None = None) -> list[list[int]]:
+    def search(self, queries: np.ndarray, k: int, exclude_keys: list[Exclude] | None = None) -> list[list[int]]:
         """(B, C) image embeddings -> per row the rows of its k most similar captions (best first),
         skipping captions whose key is the row's exclude key (the image's own captions)."""
+        return [[i for i, _ in row] for row in self.scored_search(queries, k, exclude_keys)]
+
+    def scored_search(self, queries: np.ndarray, k: int,
+                      exclude_keys: list[Exclude] | None = None) -> list[list[tuple[int, float]]]:
+        """`search` with each hit's score: (row, cosine similarity of the image and the caption) pairs, best first.
+
+        A row's exclude key is one key or a collection of keys (None: nothing excluded for that row)."""
         q = np.asarray(queries, np.float32).reshape(len(queries), -1)  # (B, C); the caller's array is never changed
         self.check_width(q.shape[1], "the query")
         q = np.ascontiguousarray(q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12))
         fetch = min(len(self), k if exclude_keys is None else k + 16)
         while True:
-            _, ids = self.index.search(q, fetch)  # (B, fetch), -1 where fewer hits
-            out = [self._keep(row, k, None if exclude_keys is None else exclude_keys[i]) for i, row in enumerate(ids)]
+            scores, ids = self.index.search(q, fetch)  # (B, fetch) each; id -1 where fewer hits
+            out = [self._keep(row, scores[i], k, None if exclude_keys is None else exclude_keys[i])
+                   for i, row in enumerate(ids)]
             if fetch >= len(self) or all(len(r) == k for r in out):
                 return out
             fetch = min(len(self), fetch * 4)  # many own captions among the hits: look further
 
-    def _keep(self, row: np.ndarray, k: int, exclude: str | None) -> list[int]:
-        hits = [int(i) for i in row if i >= 0]
+    def _keep(self, row: np.ndarray, scores: np.ndarray, k: int, exclude: Exclude) -> list[tuple[int, float]]:
+        hits = [(int(i), float(s)) for i, s in zip(row, scores) if i >= 0]
         if exclude is not None:
-            hits = [i for i in hits if self.key(i) != exclude]
+            excluded = {exclude} if isinstance(exclude, str) else set(exclude)
+            hits = [(i, s) for i, s in hits if self.key(i) not in excluded]
         return hits[:k]
+
+
+class Retrieved(NamedTuple):
+    """One retrieved caption: its text, its cosine similarity to the query image and the key it is stored under."""
+
+    caption: str
+    score: float
+    key: str
 
 
 class Retriever:
@@ -137,15 +164,39 @@ class Retriever:
         self.datastore = datastore
         self.settings = settings
         self.tokenizer = tokenizer
+        self._local = threading.local()  # .log: the list `recording` collects into, per thread
 
-    def captions(self, embeddings: np.ndarray, exclude_keys: list[str] | None = None) -> list[list[str]]:
+    def retrieve(self, embeddings: np.ndarray, exclude_keys: list[Exclude] | None = None) -> list[list[Retrieved]]:
+        """(B, C) -> per image its k retrieved captions with their scores, most similar first."""
+        store = self.datastore
+        rows = [[Retrieved(store.caption(i), s, store.key(i)) for i, s in hits]
+                for hits in store.scored_search(embeddings, self.settings.k, exclude_keys)]
+        log = getattr(self._local, "log", None)
+        if log is not None:
+            log.extend(rows)
+        return rows
+
+    def captions(self, embeddings: np.ndarray, exclude_keys: list[Exclude] | None = None) -> list[list[str]]:
         """(B, C) -> per image its k retrieved captions."""
-        hits = self.datastore.search(embeddings, self.settings.k, exclude_keys)
-        return [[self.datastore.caption(i) for i in row] for row in hits]
+        return [[r.caption for r in row] for row in self.retrieve(embeddings, exclude_keys)]
 
-    def prompts(self, embeddings: np.ndarray, exclude_keys: list[str] | None = None) -> list[list[int]]:
+    def prompts(self, embeddings: np.ndarray, exclude_keys: list[Exclude] | None = None) -> list[list[int]]:
         """(B, C) -> per image the prompt's token ids."""
         return [prompt_tokens(self.tokenizer, caps, self.settings) for caps in self.captions(embeddings, exclude_keys)]
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[list[Retrieved]]]:
+        """Collect what this thread retrieves inside the block: one list of Retrieved per image, in order.
+
+        A Captioner builds its prompts from `retrieve`, so this shows the very captions a batch's prompts
+        were made of, without retrieving a second time (serve's batcher uses it). Other threads are not seen.
+        """
+        previous = getattr(self._local, "log", None)
+        self._local.log = log = []
+        try:
+            yield log
+        finally:
+            self._local.log = previous
 
 
 def open_datastore(folder: str | Path, clip_model: str | None = None, dim: int | None = None,

@@ -1,4 +1,5 @@
-"""Retrieval at train time: each training image's prompt, computed once per run, and the batches that carry it.
+"""Retrieval at train time: each training image's prompt, computed once per run, the batches that carry it,
+and the Retriever of validation CIDEr (the validation images' own captions left out).
 
 `train --datastore DS --retrieval_k K` retrieves, for every image of the dataset, its K nearest
 captions by image-to-text similarity, leaving out the image's own captions (same key), and stores
@@ -100,6 +101,37 @@ class RetrievalCaptionDataset(torch.utils.data.Dataset):
         embeddings = np.stack([e for _, e, _ in samples])  # (B, C)
         return RetrievalBatch(torch.from_numpy(embeddings), torch.from_numpy(tokens), torch.from_numpy(mask),
                               torch.from_numpy(target))
+
+
+class OwnCaptionsLeftOut(Retriever):
+    """A model's Retriever for known images (training's validation CIDEr): each image's own captions (its key)
+    are left out, as in training, so a datastore that holds them cannot make the score optimistic.
+
+    A Captioner retrieves with embeddings alone, so each query is matched back to its image by its
+    embedding (cosine >= MATCH to a known one; several near-identical images: all their keys are left out).
+    A query that matches none is an error, never a silent retrieval with the own captions in.
+    """
+
+    MATCH = 0.999
+
+    def __init__(self, retriever: Retriever, keys: list[str], embeddings: np.ndarray):
+        super().__init__(retriever.datastore, retriever.settings, retriever.tokenizer)
+        known = np.asarray(embeddings, np.float32).reshape(len(keys), -1)  # (N, C)
+        self._known = known / np.maximum(np.linalg.norm(known, axis=1, keepdims=True), 1e-12)
+        self._keys = np.asarray(keys, dtype=object)
+
+    def own_keys(self, embeddings: np.ndarray) -> list[list[str]]:
+        """(B, C) queries -> per query the keys of the known images it is (one, unless images are duplicates)."""
+        q = np.asarray(embeddings, np.float32).reshape(len(embeddings), -1)  # (B, C)
+        sims = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)) @ self._known.T  # (B, N)
+        if len(q) and (not self._known.size or sims.max(axis=1).min() < self.MATCH):
+            best = float(sims.max(axis=1).min()) if self._known.size else float("nan")
+            raise ValueError(f"a retrieval query matches none of the {len(self._keys)} known images (best cosine "
+                             f"{best:.4f} < {self.MATCH}), so its own captions cannot be left out")
+        return [list(self._keys[row >= self.MATCH]) for row in sims]
+
+    def retrieve(self, embeddings, exclude_keys=None):
+        return super().retrieve(embeddings, self.own_keys(embeddings) if exclude_keys is None else exclude_keys)
 
 
 def with_retrieval(base, datastore: str, k: int, output_dir: str, flag: str = "--datastore",

@@ -33,7 +33,7 @@ from prefixcap.serve.guards import ApiError, BodyBudget, BodyGuard, HostGuard, R
 from prefixcap.serve.memory import MemoryTrimmer
 from prefixcap.serve.requests import (ImageError, RequestImage, decode_upload, fetch_url, read_caption_request,
                                      resolve_options)
-from prefixcap.serve.schemas import CaptionJSONRequest, CaptionOptions, CaptionResponse, ErrorResponse
+from prefixcap.serve.schemas import CaptionJSONRequest, CaptionRequestOptions, CaptionResponse, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +129,14 @@ async def prepare_image(item: RequestImage, svc: Service) -> Any:
         return err
 
 
-async def caption_request(prepared: list[Any], settings: GenerationSettings, svc: Service) -> dict[int, Any]:
-    """Index -> captions (or the model's exception) for every image that decoded; 503 ApiError on overload."""
+async def caption_request(prepared: list[Any], settings: GenerationSettings, svc: Service,
+                          retrieved: bool = False) -> dict[int, Any]:
+    """Index -> Captions (or the model's exception) for every image that decoded; 503 ApiError on overload."""
     ok = [i for i, p in enumerate(prepared) if not isinstance(p, ImageError)]
     if not ok:
         return {}
     try:
-        outputs = await svc.batcher.submit([prepared[i] for i in ok], settings)
+        outputs = await svc.batcher.submit([prepared[i] for i in ok], settings, retrieved=retrieved)
     except (QueueFull, RequestTimeout) as exc:
         code = "queue_full" if isinstance(exc, QueueFull) else "timeout"
         raise ApiError(503, code, str(exc), {"Retry-After": str(exc.retry_after)}) from None
@@ -144,9 +145,11 @@ async def caption_request(prepared: list[Any], settings: GenerationSettings, svc
     return dict(zip(ok, outputs))
 
 
-def image_results(inputs: list[RequestImage], prepared: list[Any], captions: dict[int, Any]) -> tuple[list[dict], int]:
+def image_results(inputs: list[RequestImage], prepared: list[Any], captions: dict[int, Any],
+                  retrieved: bool = False) -> tuple[list[dict], int]:
     """One result per image, in order, and the response status: 200 when any image was captioned,
-    else those images' error status (400 if they differ)."""
+    else those images' error status (400 if they differ). With `retrieved`, a captioned image's result
+    also lists the captions its prompt was built from, with their scores."""
     results: list[dict[str, Any]] = []
     for i, item in enumerate(inputs):
         result: dict[str, Any] = {"index": i, "name": item.name}
@@ -158,7 +161,10 @@ def image_results(inputs: list[RequestImage], prepared: list[Any], captions: dic
             result["error"] = {"code": "model_error", "status": 500,
                                "message": f"{item.name}: the model failed on this image: {out}"}
         else:
-            result.update(caption=out[0] if out else "", captions=out)
+            result.update(caption=out[0] if out else "", captions=list(out))
+            if retrieved:
+                result["retrieved"] = [{"caption": r.caption, "score": round(r.score, 6)}
+                                       for r in getattr(out, "retrieved", None) or []]
         results.append(result)
     statuses = {r["error"]["status"] for r in results if "error" in r}
     if statuses and all("error" in r for r in results):
@@ -172,8 +178,14 @@ async def captions_route(request: Request) -> JSONResponse:
     start = time.perf_counter()
     inputs, given = await read_caption_request(request, svc.config)
     settings = resolve_options(given, svc.config, svc.default_new_tokens)
+    retrieved = bool(given.retrieved)  # unset (None) is false
+    if retrieved and getattr(svc.captioner, "retriever", None) is None:
+        raise ApiError(422, "no_retrieval", "retrieved=true: this model was trained without retrieval, so it "
+                                            "has no retrieved captions to show (GET /v1/model: \"retrieval\" is "
+                                            "null); leave 'retrieved' out or false")
     prepared = await asyncio.gather(*(prepare_image(item, svc) for item in inputs))
-    results, status = image_results(inputs, prepared, await caption_request(prepared, settings, svc))
+    captions = await caption_request(prepared, settings, svc, retrieved)
+    results, status = image_results(inputs, prepared, captions, retrieved)
     body = {"model": svc.model_name, "options": asdict(settings), "results": results,
             "elapsed_ms": round((time.perf_counter() - start) * 1000, 2)}
     return JSONResponse(body, status)
@@ -203,7 +215,7 @@ def _caption_route_doc() -> dict[str, Any]:
             "multipart/form-data": {"schema": {
                 "type": "object",
                 "properties": {"images": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                               **CaptionOptions.model_json_schema()["properties"]},
+                               **CaptionRequestOptions.model_json_schema()["properties"]},
                 "required": ["images"],
             }},
             "application/json": {"schema": {"$ref": "#/components/schemas/CaptionJSONRequest"}},

@@ -7,11 +7,16 @@ requests with identical options can share a batch. The group key is the frozen
 sampling) do not split groups. All queue state lives on the event loop;
 the model runs in a single worker thread so the loop keeps accepting and answering requests
 (health checks, 503s, timeouts) while a batch is being decoded.
+
+Retrieval models: an image whose request asks for its retrieved captions gets the ones its prompt was
+built from. They are recorded while the batch is captioned (`Retriever.recording`), not retrieved
+again, so they are the prompt's by construction; whether a request asks does not split groups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections import deque
@@ -24,7 +29,11 @@ from prefixcap.caption.pipeline import call_with_fallback
 
 
 class BatchCaptioner(Protocol):
-    """What the batcher needs from a captioner (prefixcap.caption.captioner.Captioner provides it)."""
+    """What the batcher needs from a captioner (prefixcap.caption.captioner.Captioner provides it).
+
+    A captioner may also have `retriever` (a prefixcap.retrieval.datastore.Retriever, or None): then
+    images can be asked for with their retrieved captions.
+    """
 
     def caption(self, images: Sequence[Any], batch_size: int, settings: GenerationSettings
                 ) -> list[str] | list[list[str]]:
@@ -71,6 +80,13 @@ class BatcherClosed(Exception):
     """The batcher is shutting down and takes no more work."""
 
 
+class Captions(list):
+    """One image's captions (best first, a list of str); `retrieved`: the captions its prompt was built from
+    (prefixcap.retrieval.datastore.Retrieved, most similar first), set only when its request asked for them."""
+
+    retrieved: list | None = None
+
+
 @dataclass
 class BatcherStats:
     """Counters for observability (served by /healthz)."""
@@ -99,6 +115,7 @@ class _Item:
     image: Any  # whatever the captioner's `caption` accepts: PIL image, preprocessed pixels, ...
     settings: GenerationSettings
     future: asyncio.Future
+    retrieved: bool = False  # the request wants the retrieved captions of this image
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -151,10 +168,11 @@ class DynamicBatcher:
             self._executor = None
 
     # --- the public call -----------------------------------------------------------------
-    async def submit(self, images: Sequence[Any], settings: GenerationSettings,
-                     timeout_s: float | None = None) -> list[list[str] | Exception]:
-        """Captions for `images` (a list of captions per image), batched with other requests that
-        decode the same way (`settings`, validated by the caller, normalized here).
+    async def submit(self, images: Sequence[Any], settings: GenerationSettings, timeout_s: float | None = None,
+                     retrieved: bool = False) -> list[Captions | Exception]:
+        """Captions for `images` (a Captions list per image), batched with other requests that
+        decode the same way (`settings`, validated by the caller, normalized here). With `retrieved`
+        (a captioner with a retriever), each Captions also carries its image's retrieved captions.
 
         An image the model failed on gets its exception in place of its captions, so the other
         images of the request keep theirs. Raises QueueFull when the queue has no room for all
@@ -171,7 +189,7 @@ class DynamicBatcher:
                             "retry later", self.retry_after())
         loop = asyncio.get_running_loop()
         key = settings.normalized()
-        items = [_Item(image, key, loop.create_future()) for image in images]
+        items = [_Item(image, key, loop.create_future(), retrieved) for image in images]
         self._groups.setdefault(key, deque()).extend(items)
         self._set_pending(self._pending + len(items))
         self.stats.requests += 1
@@ -265,23 +283,35 @@ class DynamicBatcher:
                 else:
                     item.future.set_result(result)
 
-    def _caption_batch(self, batch: list[_Item]) -> list[list[str] | Exception]:
+    def _caption_batch(self, batch: list[_Item]) -> list[Captions | Exception]:
         """Runs on the model thread. One call for the batch; if it fails, one call per image,
         so an image the model cannot handle fails alone, not its batch-mates."""
         settings = batch[0].settings
-        out = call_with_fallback(lambda images: self._timed_call(images, settings), [it.image for it in batch])
+        record = any(it.retrieved for it in batch)
+        out = call_with_fallback(lambda images: self._timed_call(images, settings, record), [it.image for it in batch])
         self.stats.model_errors += sum(isinstance(r, Exception) for r in out)
+        for item, result in zip(batch, out):
+            if isinstance(result, Captions) and not item.retrieved:
+                result.retrieved = None  # a batch-mate asked; this image's request did not
         return out
 
-    def _timed_call(self, images: list[Any], settings: GenerationSettings) -> list[list[str]]:
+    def _timed_call(self, images: list[Any], settings: GenerationSettings, record: bool = False) -> list[Captions]:
+        retriever = getattr(self.captioner, "retriever", None) if record else None
         start = time.perf_counter()
         try:
-            raw = self.captioner.caption(images, batch_size=len(images), settings=settings)
+            with retriever.recording() if retriever is not None else contextlib.nullcontext() as log:
+                raw = self.captioner.caption(images, batch_size=len(images), settings=settings)
         finally:
             self.stats.model_calls += 1
             self.stats.model_seconds += time.perf_counter() - start
         if len(raw) != len(images):
             raise RuntimeError(f"captioner returned {len(raw)} results for {len(images)} images")
+        if log is not None and len(log) != len(images):
+            raise RuntimeError(f"the retriever was queried for {len(log)} images in a batch of {len(images)}; "
+                               "cannot tell which retrieved captions went into which prompt")
         self.stats.images_captioned += len(images)
         self.stats.largest_batch = max(self.stats.largest_batch, len(images))
-        return [[r] if isinstance(r, str) else list(r) for r in raw]
+        out = [Captions([r] if isinstance(r, str) else r) for r in raw]
+        for captions, hits in zip(out, log or []):
+            captions.retrieved = hits
+        return out

@@ -6,6 +6,7 @@ the request as a whole is an ApiError (serve.guards).
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import json
@@ -19,12 +20,13 @@ from fastapi import Request
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
+from prefixcap.argtypes import boolean
 from prefixcap.data.images import decode_image
 from prefixcap.generation import (FIELD_NAMES, RANGES, GenerationSettings, GenerationSettingsError, field_problem,
                                   parse_field)
 from prefixcap.serve.config import SAFE_IMAGE_FORMATS, ServeConfig
 from prefixcap.serve.guards import ApiError
-from prefixcap.serve.schemas import CaptionOptions, ImageSource
+from prefixcap.serve.schemas import CaptionRequestOptions, ImageSource
 
 
 class ImageError(Exception):
@@ -77,16 +79,26 @@ def _b64decode(text: str, name: str) -> bytes:
 
 
 # --- options -----------------------------------------------------------------------------------
+_FLAGS = ("retrieved",)  # the request's true/false fields that are not decoding options
+
+
+def _flag(key: str, text: str) -> bool:
+    try:
+        return boolean(text)
+    except argparse.ArgumentTypeError:
+        raise ValueError(f"expected true or false, got {text.strip()[:40]!r}") from None
+
+
 def form_options(raw: dict[str, str]) -> dict[str, Any]:
     """Multipart option fields (text) -> typed values, as the CLI parses its flags; ApiError(422) naming
     each field that does not parse. Unknown fields pass through for the schema to name them."""
     values, problems = {}, []
     for key, text in raw.items():
-        if key not in FIELD_NAMES:
+        if key not in FIELD_NAMES and key not in _FLAGS:
             values[key] = text
             continue
         try:
-            values[key] = parse_field(key, text)
+            values[key] = parse_field(key, text) if key in FIELD_NAMES else _flag(key, text)
         except ValueError as err:
             problems.append(f"{key}: {err}")
     if problems:
@@ -98,7 +110,7 @@ def resolve_options(given: BaseModel, config: ServeConfig, default_max_new_token
     """Client options over the server's defaults -> validated, normalized GenerationSettings, or
     ApiError(422) naming each bad option and its allowed range (this server's cap where it is lower)."""
     server_default = GenerationSettings(max_new_tokens=default_max_new_tokens)
-    settings = replace(server_default, **given.model_dump(exclude_none=True))
+    settings = replace(server_default, **given.model_dump(exclude_none=True, include=set(FIELD_NAMES)))
     problems: dict[str, str] = {}
     try:
         settings.validate()
@@ -120,7 +132,7 @@ def _validation_message(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "body"
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown field {where!r} (options: {', '.join(CaptionOptions.model_fields)})")
+            parts.append(f"unknown field {where!r} (options: {', '.join(CaptionRequestOptions.model_fields)})")
         else:
             parts.append(f"{where}: {e['msg']} (got {e.get('input')!r:.60})")
     return "; ".join(parts)
@@ -238,7 +250,7 @@ async def read_multipart(request: Request) -> tuple[list[RequestImage], dict[str
     async with request.form(max_fields=64, max_part_size=64 * 1024) as form:
         for key, value in form.multi_items():
             if isinstance(value, str):
-                if key not in CaptionOptions.model_fields and key in ("images", "image", "file", "files"):
+                if key not in CaptionRequestOptions.model_fields and key in ("images", "image", "file", "files"):
                     raise ApiError(422, "bad_request", f"form field {key!r} is text, not a file: send the "
                                                        f"image as a file part (curl -F {key}=@photo.jpg)")
                 raw[key] = value
@@ -264,7 +276,7 @@ async def read_caption_request(request: Request, config: ServeConfig) -> tuple[l
                                          "JSON: a non-empty 'images' list)")
     check_image_count(len(inputs), config)
     try:
-        return inputs, CaptionOptions.model_validate(raw)
+        return inputs, CaptionRequestOptions.model_validate(raw)
     except ValidationError as err:
         raise ApiError(422, "bad_option", _validation_message(err)) from None
 

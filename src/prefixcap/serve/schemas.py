@@ -31,6 +31,14 @@ def _options_model() -> type[BaseModel]:
 CaptionOptions = _options_model()
 
 
+class CaptionRequestOptions(CaptionOptions):
+    """A request's options: the decoding options and what the answer should carry besides the captions."""
+
+    retrieved: bool | None = Field(None, strict=True, description=(
+        "retrieval models only (GET /v1/model: \"retrieval\" not null; else a 422 no_retrieval): each result "
+        "also lists the k captions retrieved for the image's prompt, with their similarity scores"))
+
+
 class ImageSource(BaseModel):
     """One image of a JSON request: base64 bytes (a data: URL works too) or, if enabled, a URL."""
 
@@ -41,7 +49,7 @@ class ImageSource(BaseModel):
     name: str | None = Field(None, description="echoed back in the result")
 
 
-class CaptionJSONRequest(CaptionOptions):
+class CaptionJSONRequest(CaptionRequestOptions):
     """JSON body of POST /v1/captions: images as base64 strings or ImageSource objects."""
 
     images: list[str | ImageSource] = Field(..., description="base64 strings or {data|url, name} objects")
@@ -53,11 +61,18 @@ class ImageErrorBody(BaseModel):
     message: str
 
 
+class RetrievedCaption(BaseModel):
+    caption: str
+    score: float = Field(..., description="cosine similarity of the image's and the caption's CLIP embeddings")
+
+
 class ImageResult(BaseModel):
     index: int
     name: str | None = None
     caption: str | None = Field(None, description="the first (best) caption")
     captions: list[str] | None = Field(None, description="all captions (num_return_sequences)")
+    retrieved: list[RetrievedCaption] | None = Field(
+        None, description="with retrieved=true: the captions the image's prompt was built from, most similar first")
     error: ImageErrorBody | None = None
 
 

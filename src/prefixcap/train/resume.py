@@ -46,20 +46,78 @@ def check_previous_run(cfg: TrainConfig, acc, out: Path) -> None:
 
 
 def run_settings(cfg: TrainConfig, world: int, num_train_captions: int) -> dict[str, Any]:
-    """What a checkpoint records of the run (and a resume must match): the flags less the token, and the data."""
+    """What a checkpoint records of the run (and a resume must match): the flags less the token, and the data
+    (with --datastore, the datastore's identity too: check_resume_retrieval compares it)."""
     return {**{k: v for k, v in asdict(cfg).items() if k not in {"hf_kwargs", "resume"}},
             "hf_kwargs": {k: v for k, v in cfg.hf_kwargs.items() if k != "token"},
-            "num_processes": world, "num_train_captions": num_train_captions}
+            "num_processes": world, "num_train_captions": num_train_captions,
+            "datastore_identity": _datastore_identity(cfg.datastore)}
+
+
+def _datastore_identity(folder: str | None) -> str | None:
+    from prefixcap.retrieval.datastore import DatastoreError, DatastoreManifest
+
+    try:
+        return DatastoreManifest.read(folder).identity() if folder else None
+    except DatastoreError:
+        return None  # not a datastore: opening it refuses that with its own message
+
+
+def resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint folder --resume names (None without --resume); it may not exist yet."""
+    from prefixcap.train.checkpoint import checkpoint_path
+
+    if not cfg.resume:
+        return None
+    return checkpoint_path(cfg.output_dir, cfg.output_filename_prefix, "latest") if cfg.resume == "latest" \
+        else Path(cfg.resume)
+
+
+def check_resume_retrieval(cfg: TrainConfig) -> None:
+    """Refuse to resume with another --datastore or --retrieval_k than the checkpoint was trained with (one line
+    naming both), before this run computes any prompt into the folder.
+
+    A datastore is the same when its manifest is (a copy elsewhere is the same datastore; a rebuild or an
+    --append is not); a checkpoint that recorded no identity is compared by the datastore's resolved path.
+    """
+    from prefixcap.model.captioning import resolve_artifact
+    from prefixcap.train.checkpoint import TRAINER_JSON, TRAINING_STATE, has_checkpoint
+
+    path = resume_path(cfg)
+    if path is None or not has_checkpoint(path):
+        return
+    path = resolve_artifact(path)
+    then = (json.loads((path / "config.json").read_text()).get("retrieval") or {})
+    then_store, then_k = then.get("datastore") or None, then.get("k")
+    now_store = str(Path(cfg.datastore).resolve()) if cfg.datastore else None
+    where = f"the checkpoint {path} was trained"
+    if then_store is None and now_store is None:
+        return
+    if then_store is None:
+        problem = f"--datastore {cfg.datastore}: {where} without retrieval; resume without --datastore"
+    elif now_store is None:
+        problem = (f"--datastore: {where} with --datastore {then_store} --retrieval_k {then_k}; resume with them, "
+                   "not without retrieval")
+    elif then_k != cfg.retrieval_k:
+        problem = f"--retrieval_k {cfg.retrieval_k}: {where} with --retrieval_k {then_k}; resume with {then_k}"
+    else:
+        run = json.loads((path / TRAINING_STATE / TRAINER_JSON).read_text()).get("run", {})
+        then_id, now_id = run.get("datastore_identity"), _datastore_identity(now_store)
+        if (then_id == now_id) if then_id and now_id else then_store == now_store:
+            return
+        changed = " (its manifest differs: rebuilt or appended to since)" if then_store == now_store else ""
+        problem = (f"--datastore {now_store}: {where} with --datastore {then_store}{changed}; resume with the "
+                   "datastore it was trained with")
+    raise TrainConfigError(f"{problem}, or use another --output_dir")
 
 
 def find_resume_point(cfg: TrainConfig, acc):
     """The checkpoint --resume names (a LoadedCheckpoint), or None to start from scratch."""
-    from prefixcap.train.checkpoint import checkpoint_path, has_checkpoint, load_checkpoint
+    from prefixcap.train.checkpoint import has_checkpoint, load_checkpoint
 
-    if not cfg.resume:
+    path = resume_path(cfg)
+    if path is None:
         return None
-    path = checkpoint_path(cfg.output_dir, cfg.output_filename_prefix, "latest") if cfg.resume == "latest" \
-        else Path(cfg.resume)
     if has_checkpoint(path):
         return load_checkpoint(path)
     if cfg.resume != "latest":

@@ -18,7 +18,8 @@ from prefixcap.errors import first_line
 from prefixcap.train.accelerator import build_accelerator
 from prefixcap.train.config import TrainConfig, TrainConfigError, TrainRuntimeError
 from prefixcap.train.loaders import Loaders, build_loaders, check_validation_flags, open_data
-from prefixcap.train.resume import check_previous_run, check_resume, find_resume_point, restore_state, run_settings
+from prefixcap.train.resume import (check_previous_run, check_resume, check_resume_retrieval, find_resume_point,
+                                    restore_state, run_settings)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class BuiltRun:
 def build_run(cfg: TrainConfig, cpu: bool) -> BuiltRun:
     """Build a run from its settings; refuses contradictory settings before anything heavy is loaded."""
     check_validation_flags(cfg)
+    check_resume_retrieval(cfg)  # before open_data computes this run's prompts into the folder
     data = open_data(cfg)
     lengths = data.data.lengths()  # (N,) int32
     if len(lengths) == 0:

@@ -52,25 +52,31 @@ class Validator:
             from prefixcap.evaluate.scoring import evaluate_predictions
             from prefixcap.caption.pipeline import Item, PipelineOptions, caption_items
             from prefixcap.retrieval.inference import retriever_for
+            from prefixcap.retrieval.training import OwnCaptionsLeftOut
 
             data, val_idx = built.loaders.val_data.data, built.loaders.val_idx
             images = data.caption_image_indices()[val_idx]
             refs: dict[str, list[str]] = {}
             emb: dict[str, np.ndarray] = {}
+            own: dict[str, str] = {}  # image -> its dataset key (the key its captions have in a datastore)
             for ci, img in zip(val_idx.tolist(), images.tolist()):
                 key = f"{img}"
                 if key not in refs and len(refs) >= n:
                     continue
                 sample = data[ci]
                 refs.setdefault(key, []).append(sample.caption)
+                own[key] = sample.key
                 emb[key] = sample.patch_tokens if mapper_features(built.cfg) == "patch_tokens" else sample.embedding
             model = built.unwrapped()
             was_training = model.training
             try:  # Captioner puts the model in eval mode; training must get its dropout back even on failure
-                # A retrieval model captions with its prompt (the validation images' own captions are not
-                # left out: a datastore that holds them makes this CIDEr optimistic).
-                captioner = Captioner(model, retriever=retriever_for(model))
                 keys = list(refs)
+                # A retrieval model captions with its prompt; the validation images' own captions are left out
+                # of it, as in training (a datastore that holds them would make this CIDEr optimistic).
+                retriever = retriever_for(model)
+                if retriever is not None:
+                    retriever = OwnCaptionsLeftOut(retriever, [own[k] for k in keys], np.stack([emb[k] for k in keys]))
+                captioner = Captioner(model, retriever=retriever)
                 items = (Item(k, embedding=emb[k]) for k in keys)
                 results = list(caption_items(captioner, items, PipelineOptions(num_workers=1)))  # no decoding
             finally:
