@@ -21,6 +21,7 @@ BENCHES = {  # name -> (module, result file, extra arguments)
                     ["--max_tokens", "67", "--no_short", "--result_name", "generate_67"]),
     "memory": ("bench.bench_memory", "memory.json", []),
     "recaption": ("bench.bench_recaption", "recaption.json", []),
+    "limits": ("bench.bench_limits", "limits.json", []),
 }
 DOC = REPO / "docs" / "benchmarks.md"
 PLOT = REPO / "docs" / "benchmarks_generate_batch.png"
@@ -166,6 +167,63 @@ def recaption_section() -> list[str]:
             "encoding and generation then share the GPU."]
 
 
+LIMIT_TARGETS = {"greedy_b128": 0.85, "greedy_b32": 0.7, "beam5_b32": 0.6}  # issue 25's done-when
+
+
+def limits_section() -> list[str]:
+    """bench_limits: captions/s as a fraction of this machine's FLOP bound, and batch-1 latency vs streaming."""
+    r = _load("limits")
+    if not r:
+        return []
+    f = r["figures"]
+    m = r["machine"]
+    out = ["", "## Generation against the machine's limits (`bench_limits`)", "",
+           f"Measured in one run ({r['time']}, {m['cpu']}, {r['settings']['threads']} threads, load average "
+           f"{m['load_average_start']} at start, {m.get('load_average_end')} at end): fp32 GEMM "
+           f"{f['gemm_gflops']} GFLOP/s (2048³, median; {f.get('gemm_gflops_after')} at the end of the run; the "
+           f"bound uses the better, {f.get('gemm_gflops_bound')}), "
+           f"read bandwidth {f['read_gbps']['sum']} GB/s (sum over 1 GiB) / {f['read_gbps']['gemv']} GB/s (GEMV "
+           "over 0.5 GiB). GPT-2 small (124.4 M parameters), MLP K=10, exactly 20 new tokens, fp32. FLOP bound "
+           "per caption: greedy 2·P·(K+T) = 2 × 124.4 M × 30; beam b 2·P·(K + b·T) (the prefix runs once per "
+           "input). *packed* is what `Captioner.from_pretrained` loads (oneDNN-prepacked linear layers, GELU "
+           "fused); *plain* is `pack_weights=False`, the layers as transformers builds them (the decoding "
+           "before this change).", "",
+           "| decoding | batch | packed captions/s | of FLOP bound | plain captions/s | of FLOP bound | packed / plain "
+           "| tokens identical | target |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, row in f.items():
+        if not (key.startswith("greedy_b") or key.startswith("beam5_b")):
+            continue
+        mode, batch = key.split("_b")
+        target = LIMIT_TARGETS.get(key)
+        verdict = f"≥ {target}: {_verdict(row['packed_of_flop_bound'], target)}" if target else ""
+        out.append(f"| {mode} | {batch} | {_fmt(row['packed_captions_per_s'])} | {_fmt(row['packed_of_flop_bound'], 3)} "
+                   f"| {_fmt(row['plain_captions_per_s'])} | {_fmt(row['plain_of_flop_bound'], 3)} "
+                   f"| {_fmt(row['packed_over_plain'])}× | {row['identical_tokens']} | {verdict} |")
+    b1 = f.get("greedy_b1", {})
+    if "packed_over_stream_bound" in b1:
+        out += ["", f"Batch-1 greedy latency: **{b1['packed_s'] * 1000:.0f} ms** per caption = "
+                f"**{b1['packed_over_stream_bound']:.2f}×** the weight-streaming bound of "
+                f"{f['batch1_stream_bound_ms']:.0f} ms (20 forward passes × {f['bytes_per_forward'] / 1e6:.0f} MB "
+                f"at the faster bandwidth above; target ≤ 1.3×: {_verdict(b1['packed_over_stream_bound'], 1.3, False)}); "
+                f"plain layers {b1['plain_s'] * 1000:.0f} ms = {b1['plain_over_stream_bound']:.2f}×."]
+    for mode in ("greedy", "beam5"):
+        sweep = f.get(f"{mode}_sweep")
+        if sweep:
+            out += ["", f"{mode} captions/s by batch size (packed, same run; `prefixcap caption`'s default "
+                    "`--batch_size` is chosen from these): " + ", ".join(f"{b}: {_fmt(c)}" for b, c in sweep.items()) + "."]
+    q = f.get("int8_b1")
+    if q and "speedup" in q:
+        out += ["", f"`--quantize int8` at batch 1 (same run): {q['int8_ms']:.0f} ms vs fp32 {q['fp32_ms']:.0f} ms = "
+                f"**{q['speedup']:.2f}×** (target ≥ 1.6×: {_verdict(q['speedup'], 1.6)}); identical captions on random "
+                f"weights {q['identical_caption_fraction']:.2f} (the quality cost is measured on the demo: docs/caption.md)."]
+    ref = f.get("reference", {})
+    if "greedy" in ref:
+        out += ["", "Against the original ClipCap loops (per image, one at a time, no cache; "
+                f"{ref['images']} images) vs the Captioner at batch 32: greedy **{ref['greedy']['speedup']:.1f}×**"
+                + (f", beam 5 **{ref['beam5']['speedup']:.1f}×**" if "beam5" in ref else "") + "."]
+    return out
+
+
 def _overlap_note(end_to_end_cores: float | None) -> str:
     if end_to_end_cores is not None and end_to_end_cores >= 1.3:
         return "The encoder thread ran beside generation on the second core."
@@ -252,10 +310,10 @@ def write_doc() -> Path:
             "with each run. Both sides of a ratio run in the same process, one after the other, so a change "
             "of load between them moves the ratio; rerun on an idle machine for cleaner figures.", ""]
     out += machine_lines()
-    out += ["", "## GPU figures", "",
-            "Not measured: this task had no GPU machine. No GPU number here is estimated or extrapolated. On a "
-            "GPU, run `python -m bench.run_all` there and record images/s (preprocess), samples/s and tokens/s "
-            "with mixed precision (train) and captions/s (generate), naming the GPU."]
+    out += limits_section()
+    gpu = REPO / "bench" / "GPU_CHECK.md"  # the GPU check's page (bench/gpu_check.sh), kept beside its script
+    if gpu.is_file():
+        out += ["", gpu.read_text().strip()]
     if png:
         out += ["", "## Captions/s vs batch size", "", f"![captions/s vs batch size]({png.name})", "",
                 "Greedy decoding, 20 new tokens per caption, same weights; the dashed line is the original "

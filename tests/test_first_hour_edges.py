@@ -96,7 +96,7 @@ print(json.dumps(out))
     ("train", "--mapping_type {mlp,projector,transformer,transformer_tokens}", "mlp"),
     ("train", "--weight_decay WEIGHT_DECAY", "0.0"), ("serve", "--port PORT", "8000"),
     ("serve", "--log_level {critical,error,warning,info,debug}", "info"), ("demo", "--seed SEED", "0"),
-    ("caption", "--batch_size BATCH_SIZE", "32"),
+    ("caption", "--batch_size BATCH_SIZE", "128 greedy, 25 at beam 5"),
 ])
 def test_help_shows_the_defaults(help_texts, command, flag, default):
     options = help_texts[command].split(" options: ", 1)[1]  # past the usage block

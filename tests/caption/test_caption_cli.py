@@ -184,3 +184,18 @@ def test_embeddings_of_the_wrong_width_fail_fast_with_one_line(tmp_path, model_d
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'p0.jpg' has 24 values but the model expects 16" in err[0]
     assert out.read_text() == ""  # no error line per embedding
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], 128),  # greedy: 128 sequences in the LM at once (bench/bench_limits.py's peak)
+    (["--num_beams", "5"], 25),  # 125 sequences: beam 5 peaked at 16-32 images
+    (["--num_beams", "4", "--num_return_sequences", "2"], 32),
+    (["--do_sample", "--num_return_sequences", "3"], 42),
+    (["--batch_size", "7", "--num_beams", "5"], 7),  # given: kept as it is
+])
+def test_default_batch_size_is_measured_rows_per_batch(flags, expected):
+    from prefixcap.caption import cli as caption_cli
+
+    parser = caption_cli.build_parser()
+    job = caption_cli.job_from_args(parser, parser.parse_args(["--model", "m", "x", *flags]))
+    assert job.pipeline.batch_size == expected

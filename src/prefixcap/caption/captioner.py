@@ -29,6 +29,7 @@ from prefixcap.model.encoders import ImageEncoder, load_encoder
 from prefixcap.generation import GenerationSettings
 from prefixcap.model.captioning import CaptionModel
 from prefixcap.model.config import CaptionConfig
+from prefixcap.model.packing import pack_linear_layers
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +87,26 @@ class Captioner:
     # --- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None, clip_model: str | None = None,
-                        datastore: str | None = None, **hf_kwargs: Any) -> Captioner:
+                        dtype: torch.dtype | None = None, clip_model: str | None = None, datastore: str | None = None,
+                        pack_weights: bool = True, quantize: str | None = None, **hf_kwargs: Any) -> Captioner:
         """Load a prefixcap artifact (folder or Hub id); the CLIP encoder named in its config is
         loaded on first use (`clip_model` overrides the name, e.g. a local copy of it). A retrieval-augmented
         model retrieves from `datastore`, by default the one it was trained with. CUDA asked for on a
-        machine without it: the CPU, with a warning (as the CLI does)."""
+        machine without it: the CPU, with a warning (as the CLI does). On the CPU in fp32 the LM's linear
+        layers get oneDNN-prepacked weights (model/packing.py: same tokens, faster decoding); the loaded
+        model is then for inference only. `pack_weights=False` keeps the plain layers. `quantize="int8"`
+        (CPU, fp32 weights) makes them int8 layers instead (model/quantize.py; no packing then)."""
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             logger.warning("prefixcap: device=%r requested but CUDA is not available; using cpu", str(device))
             device = "cpu"
+        if quantize is not None:  # an unknown mode, a GPU or fp16 weights: refused before anything loads
+            from prefixcap.model.quantize import check_quantize, quantize_lm
+            check_quantize(quantize, device, dtype)
         model = CaptionModel.from_pretrained(path, device=device, dtype=dtype, **hf_kwargs)
+        if quantize is not None:
+            quantize_lm(model.lm, quantize)  # replaces the linear layers packing would replace
+        elif pack_weights:
+            pack_linear_layers(model.lm)  # a no-op off the CPU or outside fp32
         from prefixcap.retrieval.inference import retriever_for
 
         return cls(model, clip_model=clip_model, encoder_dtype=dtype, retriever=retriever_for(model, datastore))

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from prefixcap.argtypes import ArgumentParser
 from prefixcap.caption.inputs import FORMATS, CaptionInputs
-from prefixcap.caption.job import PROG, CaptionJob, CaptionSummary, ModelLoadError, run_caption_job
+from prefixcap.caption.job import DTYPES, PROG, CaptionJob, CaptionSummary, ModelLoadError, run_caption_job
 from prefixcap.caption.pipeline import EmbeddingWidthError, PipelineOptions
 from prefixcap.caption.sharded import RecaptionSummary, ShardOutputOptions
 from prefixcap.caption.writers import OUTPUT_FORMATS, caption_member_problem
 from prefixcap.data.reader_args import add_reader_args, reader_options_from_args
 from prefixcap.errors import UsageError
-from prefixcap.generation import add_generation_args, settings_from_args
+from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
+from prefixcap.model.quantize import QuantizeError, check_quantize, list_quantize_modes
 
 # The reader flags `caption` offers (captions are not read, so no caption-source flags), and its defaults.
 READER_FLAGS = ("wds_image_key", "cache_path", "image_column", "caption_column", "key_column", "image_root",
@@ -65,10 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "it (prefixcap.json)")
     shards.add_argument("--overwrite", action="store_true",
                         help="delete the captions already in --output_dir and start afresh")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help=f"images per encoder/LM batch; unset: {DEFAULT_ROWS} sequences' worth, "
+                        f"{DEFAULT_ROWS} // max(num_beams, num_return_sequences) (default: {DEFAULT_ROWS} greedy, "
+                        f"{DEFAULT_ROWS // 5} at beam 5)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="weights dtype (default: as saved; the CLIP encoder uses float16 on GPU)")
+    p.add_argument("--quantize", default=None, choices=list_quantize_modes(),
+                   help="int8: the LM's linear layers in int8 (CPU only; faster decoding, captions may "
+                        "differ slightly from fp32; docs/caption.md)")
     p.add_argument("--clip_model", default=None,
                    help="override the CLIP encoder named in the model's config (e.g. a local copy)")
     p.add_argument("--datastore", default=None, help="a retrieval model's caption datastore (default: the one it "
@@ -86,12 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Sequences decoded at once by default. Measured with bench/bench_limits.py (2 cores, GPT-2 small, fp32, packed
+# layers, 2026-12-06): greedy captions/s by batch 32: 22.9, 64: 25.3, 128: 27.2, 256: 25.9; beam 5 by batch
+# 16: 5.90, 32: 5.93, 64: 5.30 (at 640 rows reordering the beams' caches costs more than the bigger GEMMs save).
+# Both peak near 128-160 rows, so the default batch is 128 rows' worth of images.
+DEFAULT_ROWS = 128
+
+
+def default_batch_size(settings: GenerationSettings) -> int:
+    """Images per batch when --batch_size is not given: DEFAULT_ROWS sequences in the LM at once."""
+    return max(1, DEFAULT_ROWS // max(settings.num_beams, settings.num_return_sequences))
+
+
 def job_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CaptionJob:
     """The typed job a parsed command line asks for; a wrong flag exits with the parser's usage error."""
     inputs = list(args.inputs) + list(args.input_dataset)
     if not inputs:
         parser.error("no inputs: give image files, folders, globs or datasets")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
@@ -99,13 +118,19 @@ def job_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         settings = settings_from_args(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.quantize is not None:
+        try:
+            check_quantize(args.quantize, args.device or "cpu", DTYPES.get(args.dtype))
+        except QuantizeError as err:
+            parser.error(str(err))
     return CaptionJob(
         model=args.model,
         inputs=CaptionInputs(inputs, args.input_format, reader_options_from_args(args), args.limit),
-        pipeline=PipelineOptions(batch_size=args.batch_size, num_workers=args.num_workers,
-                                 return_scores=args.scores, settings=settings),
+        pipeline=PipelineOptions(batch_size=args.batch_size or default_batch_size(settings),
+                                 num_workers=args.num_workers, return_scores=args.scores, settings=settings),
         output=args.output, device=args.device, dtype=args.dtype, clip_model=args.clip_model,
-        progress=not args.no_progress, shards=shard_options_from_args(parser, args), datastore=args.datastore)
+        progress=not args.no_progress, shards=shard_options_from_args(parser, args), datastore=args.datastore,
+        quantize=args.quantize)
 
 
 def shard_options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ShardOutputOptions | None:

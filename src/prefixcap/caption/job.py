@@ -26,6 +26,7 @@ from prefixcap.caption.sharded import RecaptionSummary, ShardOutputOptions, make
 from prefixcap.caption.writers import WriterOptions, result_row
 from prefixcap.errors import PrefixcapError, UsageError, first_line
 from prefixcap.generation import GenerationSettings
+from prefixcap.model.quantize import QuantizeError
 from prefixcap.retrieval.datastore import DatastoreError
 
 PROG = "prefixcap caption"
@@ -46,6 +47,7 @@ class CaptionJob:
     progress: bool = True
     shards: ShardOutputOptions | None = None  # --output_dir: one output shard per input shard
     datastore: str | None = None  # a retrieval model's datastore (None: the one it was trained with)
+    quantize: str | None = None  # "int8": the LM's linear layers in int8, CPU only (model/quantize.py)
 
 
 @dataclass
@@ -72,14 +74,15 @@ def load_captioner(job: CaptionJob) -> Captioner:
 
     from prefixcap.devices import resolve_device
 
-    device = resolve_device(job.device, PROG)  # cuda without CUDA: cpu, with a notice
+    # cuda without CUDA: cpu, with a notice; --quantize is a CPU feature, so it defaults to the CPU
+    device = "cpu" if job.quantize and job.device is None else resolve_device(job.device, PROG)
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the captioning bar
     try:
         cap = Captioner.from_pretrained(job.model, device=device, dtype=DTYPES.get(job.dtype),
-                                        clip_model=job.clip_model, datastore=job.datastore)
+                                        clip_model=job.clip_model, datastore=job.datastore, quantize=job.quantize)
         if needs_encoder(job.inputs):
             cap.encoder  # noqa: B018
-    except DatastoreError:  # a --datastore that is missing, empty or of another CLIP width: exit 2
+    except (DatastoreError, QuantizeError):  # a bad --datastore, --quantize on a GPU or fp16: exit 2
         raise
     except (OSError, ValueError) as err:  # missing folder, bad config, unloadable LM/CLIP: all named
         raise ModelLoadError(f"cannot load --model {job.model!r}: {first_line(err)}") from err
@@ -148,7 +151,9 @@ def folder_settings(job: CaptionJob) -> dict[str, Any]:
     return {"model": str(Path(job.model).resolve()) if local else job.model,
             "model_sha256": model_fingerprint(job.model), "clip_model": job.clip_model, "dtype": job.dtype,
             "generation": asdict(settings.normalized()), "generate_kwargs": dict(job.pipeline.generate_kwargs),
-            **({"datastore": str(Path(job.datastore).resolve())} if job.datastore else {})}
+            **({"datastore": str(Path(job.datastore).resolve())} if job.datastore else {}),
+            # int8 captions differ from fp32 ones: an int8 run never resumes an fp32 folder (nor the reverse)
+            **({"quantize": job.quantize} if job.quantize else {})}
 
 
 class _Loader:

@@ -15,6 +15,7 @@ from prefixcap.evaluate.report import markdown_report
 from prefixcap.evaluate.run import evaluate
 from prefixcap.evaluate.scoring import ALL_METRICS
 from prefixcap.generation import GenerationSettings, add_generation_args, settings_from_args
+from prefixcap.model.quantize import QuantizeError, check_quantize, list_quantize_modes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = add_generation_args(p, exclude=("num_return_sequences",), title="decoding (--model)")
     g.add_argument("--batch_size", type=int, default=32)
     g.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    g.add_argument("--quantize", default=None, choices=list_quantize_modes(),
+                   help="int8: the model's LM in int8 (CPU only), to measure what --quantize costs caption quality")
     o = p.add_argument_group("output")
     o.add_argument("--output_dir", default="evaluation", help="where metrics.json, metrics.md and "
                                                                "predictions.jsonl go (default: ./evaluation)")
@@ -76,12 +79,19 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
         raise EvaluationError(f"--metrics: unknown metric(s) {unknown}; expected some of {', '.join(ALL_METRICS)}")
     wanted = tuple(m for m in wanted if not (args.no_clipscore and m == "clipscore")
                    and not (args.no_spice and m == "spice"))
+    if args.quantize is not None:
+        if args.model is None:
+            raise EvaluationError("--quantize applies to --model (the captions it generates), not to --predictions")
+        try:
+            check_quantize(args.quantize, args.device or "cpu")
+        except QuantizeError as err:
+            raise EvaluationError(str(err)) from err
     return EvaluateConfig(
         predictions=args.predictions, references=args.references, model=args.model, dataset=args.dataset,
         datastore=args.datastore,
         split=args.split, images=args.images, output_dir=args.output_dir, name=args.name, limit=args.limit,
         metrics=wanted, clip_model=args.clip_model, strict=args.strict, tokenizer=args.tokenizer,
-        spice_timeout_s=args.spice_timeout_s, device=args.device, batch_size=args.batch_size,
+        spice_timeout_s=args.spice_timeout_s, device=args.device, quantize=args.quantize, batch_size=args.batch_size,
         input_format=args.input_format, reader=reader_options_from_args(args),
         generation=_settings(args),
     )

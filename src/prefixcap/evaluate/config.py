@@ -33,7 +33,8 @@ class EvaluateConfig:
     strict: bool = False  # stop at the first bad input instead of counting it
     tokenizer: str = "auto"  # ptb | simple | auto
     spice_timeout_s: float = 3600
-    device: str | None = None  # default: cuda when available
+    device: str | None = None  # default: cuda when available (the CPU with --quantize)
+    quantize: str | None = None  # --model's LM in int8 (CPU only; prefixcap.model.quantize)
     batch_size: int = 32
     # --model on any input the preprocess stage reads (its readers; same flag names). --images is
     # the image root and --split the Karpathy split, so the reader's own image_root / coco_split stay unset.

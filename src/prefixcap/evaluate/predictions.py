@@ -146,7 +146,8 @@ def model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
     from prefixcap.caption.captioner import Captioner
 
     try:
-        cap = Captioner.from_pretrained(cfg.model, device=cfg.device, datastore=cfg.datastore)
+        device = cfg.device or ("cpu" if cfg.quantize else None)  # --quantize is a CPU feature
+        cap = Captioner.from_pretrained(cfg.model, device=device, datastore=cfg.datastore, quantize=cfg.quantize)
     except DatastoreError:  # a missing, empty or other-width --datastore: its own line, exit 2
         raise
     except (OSError, ValueError) as err:
@@ -161,6 +162,6 @@ def model_predictions(cfg: EvaluateConfig, refs: References | None, encoder: Any
         cap.close()
     info = {"model": cfg.model, "caption_model_clip": cap.config.clip_model,
             **({"datastore": str(cap.retriever.datastore.path)} if cap.retriever is not None else {}),
-            "language_model": cap.config.language_model, "decoding": asdict(cfg.generation),
+            "language_model": cap.config.language_model, "decoding": asdict(cfg.generation), "quantize": cfg.quantize,
             "caption_input": preds.source, "input_format": cfg.input_format}
     return preds, refs, info

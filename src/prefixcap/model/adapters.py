@@ -125,6 +125,15 @@ def lora_parameters(lm: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in lm.named_parameters() if "lora_" in name]
 
 
+def adapter_layer_parts(model: nn.Module) -> set[int]:
+    """ids of every module inside a PEFT adapter layer of `model` (the LoRA layer and its base/A/B linears).
+
+    Inference-time rewrites (model/packing.py, model/quantize.py) leave them as they are: PEFT's forward
+    reads its inner linears' `.weight` (dtype casts, merges), which a packed or quantized layer lacks."""
+    return {id(inner) for m in model.modules() if type(m).__module__.startswith("peft.tuners")
+            for inner in m.modules()}
+
+
 def merged_copy(wrapper) -> nn.Module:
     """A plain transformers LM with the adapter merged into its weights; the original is untouched."""
     return copy.deepcopy(wrapper).merge_and_unload()

@@ -15,6 +15,7 @@ import warnings
 from dataclasses import MISSING, fields
 
 from prefixcap.argtypes import ArgumentParser
+from prefixcap.model.quantize import list_quantize_modes
 from prefixcap.serve.batching import BatchConfig
 from prefixcap.serve.config import ServeConfig
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=d["host"], help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=d["port"])
     p.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--quantize", default=None, choices=list_quantize_modes(),
+                   help="int8: the LM's linear layers in int8 (CPU only; faster decoding, captions may differ "
+                        "slightly from fp32; docs/caption.md)")
     g = p.add_argument_group("batching")
     g.add_argument("--max_batch_size", type=int, default=b["max_batch_size"], help="images per model call")
     g.add_argument("--max_wait_ms", type=float, default=b["max_wait_ms"],
@@ -96,7 +100,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         if not hosts:
             raise ValueError("--allowed_hosts names no host (give e.g. 'captions.example.org,localhost' or '*')")
     return ServeConfig(
-        model=args.model, datastore=args.datastore, host=args.host, port=args.port, device=args.device, batch=batch,
+        model=args.model, datastore=args.datastore, host=args.host, port=args.port, device=args.device,
+        quantize=args.quantize, batch=batch,
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request, max_num_beams=args.max_num_beams,
         max_new_tokens_limit=args.max_new_tokens_limit, default_max_new_tokens=args.default_max_new_tokens,
@@ -162,7 +167,8 @@ def _load_and_serve(config: ServeConfig, sock) -> int:
     from prefixcap.serve.memory import tune_malloc
 
     try:
-        captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device, datastore=config.datastore)
+        captioner = PrefixCaptioner.from_pretrained(config.model, device=config.device, datastore=config.datastore,
+                                                    quantize=config.quantize)
     except DatastoreError as err:  # a --datastore that is missing, empty or of another CLIP width
         print(f"prefixcap serve: {err}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
+    quantize: str | None = None  # "int8": the LM's linear layers in int8 (CPU only; model/quantize.py)
     batch: BatchConfig = field(default_factory=BatchConfig)
     max_upload_bytes: int = 20 * 1024 * 1024  # whole request body
     max_image_pixels: int = 25_000_000  # per image, checked from the header before decoding
@@ -66,6 +67,10 @@ class ServeConfig:
             raise ValueError(f"--default_max_new_tokens {default!r} must be an integer in "
                              f"[1, {self.max_new_tokens_limit}] (--max_new_tokens_limit)")
         self._check_connection_settings()
+        if self.quantize is not None:
+            from prefixcap.model.quantize import check_quantize
+
+            check_quantize(self.quantize, self.device)  # QuantizeError is a ValueError: one line, exit 2
 
     def _check_connection_settings(self) -> None:
         positive = {"--header_timeout_s": self.header_timeout_s, "--body_timeout_s": self.body_timeout_s,
@@ -103,6 +108,7 @@ class ServeConfig:
 
     def limits(self) -> dict[str, Any]:
         return {
+            "quantize": self.quantize,  # GET /v1/model shows whether the LM runs in int8
             "max_upload_bytes": self.max_upload_bytes,
             "max_inflight_bytes": self.max_inflight_bytes,
             "max_image_pixels": self.max_image_pixels,
