@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Sequences decoded at once by default. Measured with bench/bench_limits.py (2 cores, GPT-2 small, fp32, packed
-# layers, 2026-12-06): greedy captions/s by batch 32: 22.9, 64: 25.3, 128: 27.2, 256: 25.9; beam 5 by batch
-# 16: 5.90, 32: 5.93, 64: 5.30 (at 640 rows reordering the beams' caches costs more than the bigger GEMMs save).
+# layers, 2026-12-06): greedy captions/s by batch 32: 23.1, 64: 24.9, 128: 26.4, 256: 25.9; beam 5 by batch
+# 16: 5.84, 32: 5.54, 64: 5.16 (at 320+ rows reordering the beams' caches costs more than bigger GEMMs save).
 # Both peak near 128-160 rows, so the default batch is 128 rows' worth of images.
 DEFAULT_ROWS = 128
 
