@@ -10,28 +10,14 @@ import torch
 
 from prefixcap.caption.captioner import Captioner, _trim_at_eos
 from prefixcap.generation import GenerationSettings
-from prefixcap.model.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
+from model_helpers import C, K, build_artifact
 
-K = 4  # prefix length of the test models
-C = 16  # tiny CLIP embedding size
 B = 3  # inputs per batch
 
 
 def build_captioner(path: Path, clip: str, lm: str, family: str) -> Captioner:
     """Random mapper and LM weights at std 0.5, so that beams and tokens differ between inputs."""
-    torch.manual_seed(0)
-    config = CaptionConfig(
-        clip_model=clip, language_model=lm, lm_family=family,
-        mapping=MappingConfig(mapping_type="mlp", prefix_size=C, prefix_length=K, num_layers=1, num_heads=2),
-        only_prefix=False, max_token_length=12,
-    )
-    model = CaptionModel(config)
-    with torch.no_grad():
-        for p in model.lm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.5)
-    return Captioner.from_pretrained(model.save_pretrained(path))
+    return Captioner.from_pretrained(build_artifact(path, clip, lm, family))
 
 
 @pytest.fixture(scope="module")

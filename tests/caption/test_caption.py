@@ -11,33 +11,7 @@ from PIL import Image
 
 from prefixcap.caption.captioner import Captioner, ImageInputError
 from prefixcap.generation import MAX_NEW_TOKENS, GenerationSettings
-from prefixcap.model.mapping import MappingConfig
-from prefixcap.model import CaptionConfig, CaptionModel
-
-K = 4  # prefix length of the test models
-C = 16  # tiny CLIP embedding size
-
-
-def build_artifact(path: Path, clip: str, lm: str, family: str, mapping_type: str = "mlp",
-                   normalize_prefix: bool = False, seed: int = 0) -> Path:
-    """A CaptionModel with random mapper weights and a 'fine-tuned' (re-randomised, larger) LM.
-
-    The tiny LMs' default init (std 0.02) makes every step predict the same token; std 0.5 gives
-    varied token sequences so that token-for-token comparisons actually test something.
-    """
-    torch.manual_seed(seed)
-    config = CaptionConfig(
-        clip_model=clip, language_model=lm, lm_family=family, normalize_prefix=normalize_prefix,
-        mapping=MappingConfig(mapping_type=mapping_type, prefix_size=C, prefix_length=K, num_layers=1,
-                              num_heads=2),
-        only_prefix=False, max_token_length=12,
-    )
-    model = CaptionModel(config)
-    with torch.no_grad():
-        for p in model.lm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.5)
-    return model.save_pretrained(path)
+from model_helpers import C, K, build_artifact
 
 
 @pytest.fixture(scope="module")

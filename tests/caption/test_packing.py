@@ -16,11 +16,9 @@ from prefixcap.model import CaptionConfig, CaptionModel
 from prefixcap.model.adapters import LoraSettings
 from prefixcap.model.mapping import MappingConfig
 from prefixcap.model.packing import PackedLinear, pack_linear_layers, packing_available
+from model_helpers import C, build_artifact
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN")
-
-C = 16  # tiny CLIP embedding size
-
 
 def _plain_linears(model: nn.Module) -> int:
     return sum(type(m) in (nn.Linear, Conv1D) for m in model.modules())
@@ -30,27 +28,11 @@ def _packed(model: nn.Module) -> int:
     return sum(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def _save(path: Path, clip: str, lm: str, family: str, lora: LoraSettings | None = None) -> Path:
-    """Random LM weights at std 0.5, so that tokens and beams differ between inputs."""
-    torch.manual_seed(0)
-    config = CaptionConfig(
-        clip_model=clip, language_model=lm, lm_family=family,
-        mapping=MappingConfig(mapping_type="mlp", prefix_size=C, prefix_length=4, num_layers=1, num_heads=2),
-        only_prefix=False, max_token_length=14, lora=lora,
-    )
-    model = CaptionModel(config)
-    with torch.no_grad():
-        for p in model.lm.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.5)
-    return model.save_pretrained(path)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_clip, tiny_gpt2, tiny_t5) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("packing")
-    return {"gpt2": _save(root / "gpt2", tiny_clip, tiny_gpt2, "causal"),
-            "t5": _save(root / "t5", tiny_clip, tiny_t5, "seq2seq")}
+    return {"gpt2": build_artifact(root / "gpt2", tiny_clip, tiny_gpt2, "causal"),
+            "t5": build_artifact(root / "t5", tiny_clip, tiny_t5, "seq2seq")}
 
 
 @pytest.mark.parametrize("conv1d", [False, True])
@@ -122,7 +104,7 @@ def test_same_tokens_as_the_plain_layers(artifacts, family, mode):
 
 
 def test_lora_layers_keep_their_own_forward(tmp_path, tiny_clip, tiny_gpt2):
-    path = _save(tmp_path / "lora", tiny_clip, tiny_gpt2, "causal",
+    path = build_artifact(tmp_path / "lora", tiny_clip, tiny_gpt2, "causal",
                  lora=LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["c_attn"]))
     plain = Captioner.from_pretrained(path, pack_weights=False)
     packed = Captioner.from_pretrained(path)

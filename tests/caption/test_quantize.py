@@ -15,36 +15,25 @@ from prefixcap.caption.captioner import Captioner
 from prefixcap.caption.cli import main as caption_main
 from prefixcap.evaluate.cli import main as evaluate_main
 from prefixcap.generation import GenerationSettings
-from prefixcap.model import CaptionConfig, CaptionModel
 from prefixcap.model.mapping import MappingConfig
 from prefixcap.model.quantize import (QuantizeError, check_quantize, conv1d_to_linear, quantize_lm,
                                       quantized_linear_count)
 from prefixcap.serve.cli import main as serve_main
 from prefixcap.serve.config import ServeConfig
+from model_helpers import C, build_artifact
 from prep_helpers import image_bytes, write_tar
-
-C = 16  # tiny CLIP embedding size
 
 
 def _plain_linears(model: nn.Module) -> int:
     return sum(type(m) in (nn.Linear, Conv1D) for m in model.modules())
 
 
-def _save(path: Path, clip: str, lm: str, family: str, std: float | None = None) -> Path:
+def _save(path: Path, clip: str, lm: str, family: str, std: float | None = None, lora=None) -> Path:
     """Random LM weights at `std` (None: the LM's own init, 0.02). Larger weights give sharper logits, so
     that greedy tokens differ between inputs, but at 0.5 a random 2-layer LM of width 32 is chaotic:
     any perturbation, fp32 rounding included, grows through the layers (rel. logit error 0.08-0.25)."""
-    torch.manual_seed(0)
-    config = CaptionConfig(
-        clip_model=clip, language_model=lm, lm_family=family,
-        mapping=MappingConfig(mapping_type="mlp", prefix_size=C, prefix_length=4),
-        only_prefix=False, max_token_length=10)
-    model = CaptionModel(config)
-    with torch.no_grad():
-        for p in model.lm.parameters():
-            if p.ndim >= 2 and std is not None:
-                p.normal_(0, std)
-    return model.save_pretrained(path)
+    return build_artifact(path, clip, lm, family, std=std, max_token_length=10, lora=lora,
+                          mapping=MappingConfig(mapping_type="mlp", prefix_size=C, prefix_length=4))
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +199,8 @@ def test_a_lora_model_keeps_its_adapter_layers_in_fp32(tmp_path, tiny_clip, tiny
     """PEFT's LoRA forward reads its linears' `.weight`: quantizing them broke decoding (AttributeError)."""
     from prefixcap.model.adapters import LoraSettings
 
-    torch.manual_seed(0)
-    config = CaptionConfig(clip_model=tiny_clip, language_model=tiny_gpt2, lm_family="causal",
-                           mapping=MappingConfig(mapping_type="mlp", prefix_size=C, prefix_length=4),
-                           only_prefix=False, max_token_length=10,
-                           lora=LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["c_attn"]))
-    path = CaptionModel(config).save_pretrained(tmp_path / "lora")
+    path = _save(tmp_path / "lora", tiny_clip, tiny_gpt2, "causal",
+                 lora=LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["c_attn"]))
     fp32 = Captioner.from_pretrained(path, pack_weights=False)
     int8 = Captioner.from_pretrained(path, quantize="int8")
     lora = [m for m in int8.model.lm.modules() if type(m).__module__.startswith("peft.tuners")]

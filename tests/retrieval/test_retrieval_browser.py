@@ -3,23 +3,14 @@ captions under its caption, and only when ticked."""
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
-import pytest
 from PIL import Image
 from test_retrieval_model import setup  # noqa: F401 - the module fixture: a tiny model trained with a datastore
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and os.path.exists(p)), None)
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make sysdeps` does it)",
-                allow_module_level=True)
-from playwright import sync_api  # noqa: E402
+from browser_helpers import launch, skip_module_without_chromium
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+skip_module_without_chromium()
+from playwright import sync_api  # noqa: E402
 
 
 def test_page_shows_retrieved_captions_when_ticked(setup, tmp_path):  # noqa: F811
@@ -37,7 +28,7 @@ def test_page_shows_retrieved_captions_when_ticked(setup, tmp_path):  # noqa: F8
     expected = cap.retriever.captions(cap.encode_pixels(cap.load_pixels([paths[0]])).numpy())[0]
     app = create_app(cap, ServeConfig(model="retrieval test model", max_new_tokens_limit=5))
     with background_server(app) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(pw)
         try:
             page = browser.new_page()
             page.goto(url + "/")

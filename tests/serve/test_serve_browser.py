@@ -12,12 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from browser_helpers import launch, skip_module_without_chromium
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and os.path.exists(p)), None)
-if CHROMIUM is None:
-    pytest.skip("Chromium is not installed (Debian: apt-get install chromium; `make sysdeps` does it)",
-                allow_module_level=True)
+skip_module_without_chromium()
 from playwright import sync_api  # noqa: E402 - in the test extra; only the browser binary is a system package
 
 from prefixcap.serve.batching import BatchConfig  # noqa: E402
@@ -25,8 +22,6 @@ from prefixcap.serve.config import ServeConfig  # noqa: E402
 from prefixcap.serve.http import background_server  # noqa: E402
 from prefixcap.serve.app import create_app  # noqa: E402
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "serve_screenshot.png"
 
 
@@ -77,7 +72,7 @@ def test_page_captions_picked_and_dropped_images(captioner, tmp_path):
     app = create_app(captioner, config)
 
     with background_server(app) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(pw)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 640})
             page.goto(url + "/")
