@@ -467,6 +467,18 @@ def test_a_slow_client_cannot_keep_a_terminated_server_alive():
             conn.close()
 
 
+def test_the_server_keeps_idle_connections_longer_than_clients_do():
+    """A client must drop an idle connection before the server closes it, or a request sent on it as the
+    server closes it is reset (the soak test saw one such ReadError with both at 5 s)."""
+    import httpx
+
+    from prefixcap.serve.cli import build_parser, config_from_args
+
+    default = config_from_args(build_parser().parse_args(["--model", "m"])).keep_alive_s
+    assert default > httpx.Limits().keepalive_expiry  # httpx: 5 s
+    assert default > 15  # aiohttp's connector keeps idle connections 15 s
+
+
 # --- soak: the real command under mixed hostile load ----------------------------------------------
 @pytest.mark.slow
 def test_soak_mixed_hostile_traffic_no_5xx_and_memory_returns(tmp_path):
