@@ -469,7 +469,7 @@ def test_a_slow_client_cannot_keep_a_terminated_server_alive():
 
 def test_the_server_keeps_idle_connections_longer_than_clients_do():
     """A client must drop an idle connection before the server closes it, or a request sent on it as the
-    server closes it is reset (the soak test saw one such ReadError with both at 5 s)."""
+    server closes it is reset (with both at 5 s that race is open; suspected behind a rare soak ReadError)."""
     import httpx
 
     from prefixcap.serve.cli import build_parser, config_from_args

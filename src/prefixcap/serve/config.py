@@ -52,10 +52,10 @@ class ServeConfig:
     max_connections: int | None = 512  # requests in progress (serve.guards.RequestLimit); beyond it JSON 503
     # Idle time between requests on a kept-alive connection. Longer than common clients' own idle expiry
     # (httpx 5 s, aiohttp 15 s) so that the client drops an idle connection first: with equal timeouts
-    # (uvicorn's 5 s against httpx's) the server could close one just as the client reused it, and that
-    # request failed with a connection reset (seen in the soak test: 1 valid request of ~1,400, about one
-    # run in eight). Idle connections cost no request slot, and past the connection limit the oldest
-    # idle one is closed for each new client (serve/http.py), so a longer timeout cannot exhaust the server.
+    # (uvicorn's 5 s against httpx's) the server can close one just as the client reuses it, and that
+    # request fails with a connection reset. (Suspected, not shown, behind the soak test's rare
+    # valid-request ReadError.) Idle connections cost no request slot, and past the connection limit the
+    # oldest idle one is closed for each new client (serve/http.py): a longer timeout cannot exhaust the server.
     keep_alive_s: float = 20.0
     header_timeout_s: float = 10.0  # a request's headers must be complete this long after its first byte
     body_timeout_s: float = 60.0  # the whole body must have arrived this long after the headers (else 408)
