@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import io
 import json
 import os
 import signal
@@ -143,36 +142,11 @@ def synthetic_jpegs(n: int, size: tuple[int, int], seed: int) -> list[bytes]:
 
 
 def write_jpeg_tars(folder: Path, n: int, sizes: Sizes, seed: int) -> list[str]:
-    """webdataset tars of {key}.jpg + {key}.txt + {key}.json {"captions": [5 captions]}; reused when present."""
-    import tarfile
+    """bench.synthetic's webdataset shards of n samples cycling through sizes.unique_jpegs distinct JPEGs."""
+    from bench.synthetic import write_jpeg_shards
 
-    import numpy as np
-
-    from bench.synthetic import WORDS
-
-    done = folder / "done.json"
-    signature = {"n": n, "unique": sizes.unique_jpegs, "size": list(sizes.jpeg_size),
-                 "per_tar": sizes.images_per_tar, "seed": seed}
-    if done.is_file() and json.loads(done.read_text())["signature"] == signature:
-        return json.loads(done.read_text())["tars"]
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     jpegs = synthetic_jpegs(min(n, sizes.unique_jpegs), sizes.jpeg_size, seed)
-    tars = []
-    for start in range(0, n, sizes.images_per_tar):
-        path = folder / f"{start // sizes.images_per_tar:05d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for i in range(start, min(n, start + sizes.images_per_tar)):
-                captions = [" ".join(rng.choice(WORDS, int(rng.integers(8, 14)))) for _ in range(5)]
-                members = {"jpg": jpegs[i % len(jpegs)], "txt": captions[0].encode(),
-                           "json": json.dumps({"captions": captions}).encode()}
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"{i:08d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        tars.append(str(path))
-    done.write_text(json.dumps({"signature": signature, "tars": tars}))
-    return tars
+    return write_jpeg_shards(folder, n, images_per_tar=sizes.images_per_tar, seed=seed, images=jpegs)
 
 
 def build_models(sizes: Sizes, workdir: Path) -> tuple[Path, Path]:

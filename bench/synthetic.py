@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,22 @@ def synthetic_jpeg(rng: np.random.Generator, width: int = 640, height: int = 480
 
 
 def write_jpeg_shards(folder: str | Path, num_images: int, captions_per_image: int = 5,
-                      images_per_tar: int = 64, seed: int = 0) -> list[str]:
+                      images_per_tar: int = 64, seed: int = 0, images: Sequence[bytes] | None = None) -> list[str]:
     """webdataset tars of {key}.jpg + {key}.txt (first caption) + {key}.json {"captions": [...]}.
 
+    Each sample gets a new 640x480 synthetic_jpeg, or, given `images`, the next of those JPEGs in turn (a
+    few distinct ones made in parallel beforehand, when making thousands one by one would take too long).
     Reused when a `done.json` with the same settings exists. Returns the tar paths.
     """
+    import hashlib
+
     import webdataset as wds
 
     folder = Path(folder)
     settings = {"num_images": num_images, "captions_per_image": captions_per_image,
                 "images_per_tar": images_per_tar, "seed": seed}
+    if images is not None:
+        settings["images_sha1"] = hashlib.sha1(b"".join(images)).hexdigest()
     done = folder / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
         return json.loads(done.read_text())["tars"]
@@ -70,7 +77,8 @@ def write_jpeg_shards(folder: str | Path, num_images: int, captions_per_image: i
         with wds.TarWriter(str(path)) as sink:
             for i in range(start, min(start + images_per_tar, num_images)):
                 captions = [_random_words(rng, int(rng.integers(8, 14))) for _ in range(captions_per_image)]
-                sink.write({"__key__": f"{i:08d}", "jpg": synthetic_jpeg(rng), "txt": captions[0],
+                jpeg = synthetic_jpeg(rng) if images is None else images[i % len(images)]
+                sink.write({"__key__": f"{i:08d}", "jpg": jpeg, "txt": captions[0],
                             "json": json.dumps({"captions": captions}).encode()})
         tars.append(str(path))
     done.write_text(json.dumps({"settings": settings, "tars": tars}))
