@@ -82,7 +82,7 @@ def _b64decode(text: str, name: str) -> bytes:
 _FLAGS = ("retrieved",)  # the request's true/false fields that are not decoding options
 
 
-def _flag(key: str, text: str) -> bool:
+def _flag(text: str) -> bool:
     try:
         return boolean(text)
     except argparse.ArgumentTypeError:
@@ -98,7 +98,7 @@ def form_options(raw: dict[str, str]) -> dict[str, Any]:
             values[key] = text
             continue
         try:
-            values[key] = parse_field(key, text) if key in FIELD_NAMES else _flag(key, text)
+            values[key] = parse_field(key, text) if key in FIELD_NAMES else _flag(text)
         except ValueError as err:
             problems.append(f"{key}: {err}")
     if problems:
