@@ -156,12 +156,12 @@ def measure_decoding(args, gflops: float, gbps: float) -> dict[str, Any]:
             print(f"   beam {beams} captions/s by batch: " + ", ".join(f"{b}: {c:.2f}" for b, c in sweep.items()),
                   flush=True)
     if args.int8:
-        figures["int8_b1"] = measure_int8(fast, args, bound_latency_s)
+        figures["int8_b1"] = measure_int8(fast, bound_latency_s)
     figures["reference"] = measure_reference(plain, figures, args)
     return figures
 
 
-def measure_int8(fast, args, bound_latency_s: float) -> dict[str, Any]:
+def measure_int8(fast, bound_latency_s: float) -> dict[str, Any]:
     """Batch-1 greedy: int8 against the fp32 layers from_pretrained loads by default (same run)."""
     import torch
 
