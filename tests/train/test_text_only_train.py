@@ -114,3 +114,26 @@ def test_image_flags_and_another_clip_are_refused_in_one_line(text_data, tiny_gp
     assert main(train_argv(text_data, tmp_path / "b", "--val_data_dir", str(other))) == 2
     err = capsys.readouterr().err
     assert "clip_model" in err and "another-clip" in err and len(err.strip().splitlines()) == 1
+
+
+def test_caption_and_evaluate_refuse_a_text_only_dataset_in_one_line(text_data, tiny_clip, tiny_gpt2, tmp_path,
+                                                                    capsys):
+    """Its rows are captions whose embeddings are their own references: captioning or scoring them as if they
+    were images would give a number that means nothing, so both commands refuse (exit 2) and name the folder."""
+    from model_helpers import build_artifact
+    from prefixcap.caption.cli import main as caption_main
+    from prefixcap.evaluate.cli import main as evaluate_main
+
+    model = str(build_artifact(tmp_path / "model", tiny_clip, tiny_gpt2, "causal"))
+    out, shards = tmp_path / "captions.jsonl", tmp_path / "shards"
+    for flags in (["--output", str(out)], ["--output_dir", str(shards)]):
+        assert caption_main(["--model", model, "--input_dataset", text_data, "--no_progress", *flags]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, flags
+        assert text_data in err and "CLIP text embeddings of captions" in err, flags
+    assert not out.exists() and not list(shards.glob("**/*.jsonl"))
+    for flags in (["--model", model, "--dataset", text_data], ["--references", text_data, "--predictions", str(out)]):
+        assert evaluate_main([*flags, "--output_dir", str(tmp_path / "eval")]) == 2, flags
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and text_data in err and "one row per caption" in err, flags
+    assert not (tmp_path / "eval" / "metrics.json").exists()

@@ -111,14 +111,24 @@ def _image_units(source: Source) -> Iterator[InputUnit]:
     yield InputUnit("images", "images", len(paths), lambda: (Item(p, image=p) for p in paths))
 
 
-def _preprocessed_units(source: Source) -> Iterator[InputUnit]:
+def open_preprocessed(path: str):
+    """A preprocessed folder of image embeddings, or a CaptionInputError naming it."""
     from prefixcap.data.shards import load_preprocessed
 
+    try:
+        dataset = load_preprocessed(path)
+    except (FileNotFoundError, OSError) as err:
+        raise CaptionInputError(f"cannot open preprocessed dataset {path!r}: {err}") from err
+    if dataset.manifest.text_only:  # one row per caption: "captioning" it would echo the captions back
+        raise CaptionInputError(f"preprocessed dataset {path!r} holds CLIP text embeddings of captions "
+                                "(preprocess --text_only), not image embeddings: caption images or a dataset "
+                                "preprocessed from them")
+    return dataset
+
+
+def _preprocessed_units(source: Source) -> Iterator[InputUnit]:
     for path in source.inputs:
-        try:
-            dataset = load_preprocessed(path)
-        except (FileNotFoundError, OSError) as err:
-            raise CaptionInputError(f"cannot open preprocessed dataset {path!r}: {err}") from err
+        dataset = open_preprocessed(path)
 
         def items(dataset=dataset) -> Iterator[Item]:
             for i in range(dataset.num_images):
@@ -181,9 +191,7 @@ def count_items(cfg: CaptionInputs) -> int | None:
         if source.input_format == "images":
             total += len(image_paths(source.inputs))
         elif source.input_format == "preprocessed":
-            from prefixcap.data.shards import load_preprocessed
-
-            total += sum(load_preprocessed(p).num_images for p in source.inputs)
+            total += sum(open_preprocessed(p).num_images for p in source.inputs)
         else:
             return None
     return min(total, cfg.limit) if cfg.limit is not None else total

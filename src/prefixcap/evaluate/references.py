@@ -202,6 +202,9 @@ def _preprocessed_references(path: Path) -> References:
         ds = load_preprocessed(path)
     except FileNotFoundError as err:
         raise EvaluationError(str(err)) from err
+    if ds.manifest.text_only:  # rows are captions, each embedding its own reference: a score would mean nothing
+        raise EvaluationError(f"{path} holds CLIP text embeddings of captions (preprocess --text_only), one row per "
+                              "caption, not images: evaluate on images or a dataset preprocessed from them")
     refs = References({}, "preprocessed", embeddings={}, embedding_model=ds.manifest.clip_model)
     by_index = ds.references()
     index_of: dict[str, int] = {}
