@@ -28,13 +28,18 @@ from bench.common import (
 )
 
 
-def build_captioner(mapping_type: str, prefix_length: int):
+def build_captioner(mapping_type: str, prefix_length: int, pack: bool = True):
+    """(Captioner, reference model): the same weights twice; the Captioner's LM layers oneDNN-prepacked as
+    `Captioner.from_pretrained` loads them (unless `pack` is False), the reference's plain, as the original ran."""
+    import copy
+
     import torch
 
     from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
     from prefixcap.caption.captioner import Captioner
     from prefixcap.model.mapping import MappingConfig
     from prefixcap.model import CaptionConfig, CaptionModel
+    from prefixcap.model.packing import pack_linear_layers
 
     build_clip_vit_b32()
     gpt2 = build_gpt2_small()
@@ -44,7 +49,10 @@ def build_captioner(mapping_type: str, prefix_length: int):
                                               prefix_length=prefix_length),
                         only_prefix=True, max_token_length=67)
     model = CaptionModel(cfg).eval()
-    return Captioner(model)
+    ours = copy.deepcopy(model)
+    if pack:
+        pack_linear_layers(ours.lm)
+    return Captioner(ours), model
 
 
 def time_reference(fn, model, embeddings, repeats: int = 1, **kw) -> tuple[float, list]:
@@ -110,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_short", action="store_true", help="skip the 20-token pair and the batch-size curve")
     p.add_argument("--result_name", default="generate", help="bench/results/<name>.json")
     p.add_argument("--repeats", type=int, default=1, help="time every side this many times, keep the fastest")
+    p.add_argument("--plain_layers", action="store_true",
+                   help="the Captioner on the plain layers too (pack_weights=False; before 2026-12-06 it always was)")
     args = p.parse_args(argv)
 
     import torch
@@ -126,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         "captioner_images": args.batch_size,
         "short_length": 20, "curve_batches": [1, 8, 32] if q else [1, 2, 4, 8, 16, 32, 64],
         "repeats": args.repeats,
+        "captioner_layers": "plain" if args.plain_layers else "packed (as from_pretrained loads)",
+        "reference_layers": "plain",
     }
     info = machine_info()
     print_header("bench_generate", settings, info)
-    captioner = build_captioner(args.mapping_type, args.prefix_length)
-    model = captioner.model
+    captioner, model = build_captioner(args.mapping_type, args.prefix_length, pack=not args.plain_layers)
     torch.manual_seed(1)
     emb = torch.randn(max(settings["captioner_images"], max(settings["curve_batches"])), 512)  # (N, C)
     n_cap = settings["captioner_images"]

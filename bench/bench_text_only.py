@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.bench_patch_tokens import _folder_mb, _mean_sd, _run_cli, _stamp_matches

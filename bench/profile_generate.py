@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.bench_generate import build_captioner
 
-    cap = build_captioner("mlp", 10)
+    cap, _ = build_captioner("mlp", 10)  # the Captioner as from_pretrained loads it (packed layers)
     emb = torch.randn(args.batch_size, 512)
     settings = cap.settings.split_kwargs(None, {"max_new_tokens": args.tokens, "num_beams": args.num_beams})[0]
     cap.generate(emb[:2], settings)

@@ -296,9 +296,10 @@ def write_doc() -> Path:
            "- `bench_train`: `prefixcap train` (frozen or fine-tuned GPT-2 small, MLP mapper, K=10) vs the "
            "original loop (fp32, global padding to min(mean + 10·std, max), weight gradients for the frozen LM, "
            "no workers) on one synthetic dataset with COCO-like caption lengths (mean ≈ 12 tokens, long tail).",
-           "- `bench_generate`: `Captioner` at batch 32 (greedy and beam 5, HF `generate` with a KV cache) vs "
-           "the original `generate2` and `generate_beam` (batch 1, no cache), same embeddings and weights; the "
-           "greedy tokens are checked identical.",
+           "- `bench_generate`: `Captioner` at batch 32 (greedy and beam 5, HF `generate` with a KV cache, the "
+           "LM's layers prepacked as `Captioner.from_pretrained` loads them) vs the original `generate2` and "
+           "`generate_beam` (batch 1, no cache, plain layers as the original ran), same embeddings and weights; "
+           "the greedy tokens are checked identical.",
            "- `bench_memory`: peak RSS of `prefixcap train` (a subprocess each) on 1,000,000 vs 10,000 captions.",
            "- `bench_recaption`: `prefixcap caption --output_dir` end to end on webdataset shards of 640×480 JPEGs "
            "(read, decode, encode, generate, write shards) vs generation alone on the same images' embeddings.",
