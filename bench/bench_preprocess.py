@@ -46,7 +46,7 @@ def decode_cost_ms(tars: list[str], encoder, n: int = 32) -> float:
 
     from PIL import Image
 
-    from prefixcap.model.encoders import to_rgb
+    from prefixcap.data.images import to_rgb
 
     jpegs = []
     with tarfile.open(tars[0]) as tf:

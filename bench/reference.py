@@ -222,7 +222,7 @@ def encode_per_caption(pairs: Iterable[tuple[bytes, str]], preprocess: Callable,
     """
     from PIL import Image
 
-    from prefixcap.model.encoders import to_rgb
+    from prefixcap.data.images import to_rgb
 
     embeddings, captions, passes = [], [], 0
     for jpeg, caption in pairs:

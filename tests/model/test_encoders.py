@@ -63,6 +63,31 @@ def test_tiny_clip_interface_matches_transformers(tiny_clip):
     assert text.shape == (2, 16) and not torch.allclose(text[0], text[1])
 
 
+def test_encoder_layers_are_prepacked_on_cpu_with_the_same_features(tiny_clip):
+    """fp32 on the CPU: every nn.Linear of both towers becomes a PackedLinear, image and text features equal
+    transformers' own to float rounding; pack_weights=False keeps transformers' layers."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    from prefixcap.model.packing import PackedLinear, packing_available
+
+    if not packing_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    packed, plain = load_encoder(tiny_clip), load_encoder(tiny_clip, pack_weights=False)
+    ref = CLIPModel.from_pretrained(tiny_clip).eval()
+    linears = sum(type(m) is torch.nn.Linear for m in ref.modules())
+    assert linears > 10 and sum(isinstance(m, PackedLinear) for m in packed.model.modules()) == linears
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    texts = ["a red circle", "a blue square on the left", "two green stars"]
+    ids = AutoTokenizer.from_pretrained(tiny_clip)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want_img = ref.get_image_features(pixel_values=pixels).pooler_output
+        want_txt = ref.get_text_features(**ids).pooler_output
+    for enc in (packed, plain):
+        torch.testing.assert_close(enc.encode_pixels(pixels), want_img, rtol=0, atol=1e-5)
+        torch.testing.assert_close(enc.encode_text(texts), want_txt, rtol=0, atol=1e-5)
+
+
 def test_unloadable_folder_names_it(tmp_path):
     with pytest.raises(UnknownEncoderError, match=str(tmp_path)):
         load_encoder(str(tmp_path))
