@@ -22,27 +22,6 @@ import time
 from bench.common import THREADS_HELP, WORK, machine_info, print_header, ratio, set_threads, write_result
 
 
-def build_captioner():
-    """The Captioner as `prefixcap caption` loads it: LM layers oneDNN-prepacked (Captioner.from_pretrained)."""
-    import torch
-
-    from bench.builders import CLIP_DIR, build_clip_vit_b32, build_gpt2_small
-    from prefixcap.caption.captioner import Captioner
-    from prefixcap.model.mapping import MappingConfig
-    from prefixcap.model import CaptionConfig, CaptionModel
-    from prefixcap.model.packing import pack_linear_layers
-
-    build_clip_vit_b32()
-    gpt2 = build_gpt2_small()
-    torch.manual_seed(0)
-    cfg = CaptionConfig(clip_model=str(CLIP_DIR), language_model=str(gpt2), lm_family="causal",
-                        mapping=MappingConfig(mapping_type="mlp", prefix_size=512, lm_dim=768, prefix_length=10),
-                        only_prefix=True, max_token_length=67)
-    model = CaptionModel(cfg).eval()
-    pack_linear_layers(model.lm)
-    return Captioner(model)
-
-
 def shard_images(tars: list[str]) -> list[bytes]:
     """The JPEG bytes of every sample, in shard order."""
     out = []
@@ -131,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     print_header("bench_recaption", settings, info)
 
+    from bench.bench_generate import build_captioner
     from bench.synthetic import write_jpeg_shards
     from prefixcap.generation import GenerationSettings
 
-    cap = build_captioner()
+    cap, _ = build_captioner("mlp", 10)  # the LM packed, as `prefixcap caption` loads it
     tars = write_jpeg_shards(WORK / "data" / f"recap_{args.images}", args.images, captions_per_image=1)
     images = shard_images(tars)
     gen = GenerationSettings(max_new_tokens=args.tokens)

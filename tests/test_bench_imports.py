@@ -1,6 +1,6 @@
-"""The benchmark scripts' imports of prefixcap (and of each other) still resolve: they run rarely (minutes to hours each), so a
-moved or renamed function would otherwise surface only in the next benchmark run (as `to_rgb`'s move to
-prefixcap.data.images did in bench/reference.py)."""
+"""The benchmark scripts' imports of prefixcap (and of each other) still resolve: the scripts run rarely
+(minutes to hours each), so a moved or renamed function would otherwise surface only in the next
+benchmark run (as `to_rgb`'s move to prefixcap.data.images did in bench/reference.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,18 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def prefixcap_imports() -> list[tuple[str, str, str]]:
+def package_imports() -> list[tuple[str, str, str]]:
     """(file, module, name) for every `from prefixcap... / bench... import name` in bench/*.py, at any depth."""
     out = []
     for path in sorted(BENCH.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("prefixcap", "bench"):
+            if (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.split(".")[0] in ("prefixcap", "bench")):
                 out += [(path.name, node.module, alias.name) for alias in node.names]
     return out
 
 
-IMPORTS = prefixcap_imports()
+IMPORTS = package_imports()
 
 
 def test_the_benchmarks_import_prefixcap():

@@ -132,7 +132,11 @@ def test_caption_and_evaluate_refuse_a_text_only_dataset_in_one_line(text_data, 
         assert len(err.splitlines()) == 1 and "Traceback" not in err, flags
         assert text_data in err and "CLIP text embeddings of captions" in err, flags
     assert not out.exists() and not list(shards.glob("**/*.jsonl"))
-    for flags in (["--model", model, "--dataset", text_data], ["--references", text_data, "--predictions", str(out)]):
+    predictions = tmp_path / "predictions.jsonl"  # well-formed, keyed as the dataset's rows: only the dataset is wrong
+    predictions.write_text("".join(json.dumps({"key": f"c/{i}#0", "caption": c}) + "\n"
+                                   for i, c in enumerate(CAPTIONS, 1)))
+    for flags in (["--model", model, "--dataset", text_data],
+                  ["--references", text_data, "--predictions", str(predictions)]):
         assert evaluate_main([*flags, "--output_dir", str(tmp_path / "eval")]) == 2, flags
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and text_data in err and "one row per caption" in err, flags
