@@ -138,6 +138,11 @@ def test_limit_and_input_errors(tmp_path, model_dir, capsys):
     empty.mkdir()
     assert main(["--model", model_dir, str(empty), "--no_progress"]) == 2
     assert "holds no image files" in capsys.readouterr().err
+    table = tmp_path / "t.parquet"  # a dataset ahead of it (its size unknown until read): still refused first
+    pq.write_table(pa.table({"image_path": [str(folder / "0.png")]}), table)
+    late = tmp_path / "late.jsonl"
+    assert main(["--model", model_dir, str(table), str(empty), "--output", str(late), "--no_progress"]) == 2
+    assert "holds no image files" in capsys.readouterr().err and not late.exists()
     with pytest.raises(SystemExit):
         main(["--model", model_dir, str(folder), "--num_return_sequences", "3"])  # needs beams or sampling
 

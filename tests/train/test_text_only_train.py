@@ -124,14 +124,19 @@ def test_caption_and_evaluate_refuse_a_text_only_dataset_in_one_line(text_data, 
     from prefixcap.caption.cli import main as caption_main
     from prefixcap.evaluate.cli import main as evaluate_main
 
+    from prep_helpers import simple_webdataset
+
     model = str(build_artifact(tmp_path / "model", tiny_clip, tiny_gpt2, "causal"))
     out, shards = tmp_path / "captions.jsonl", tmp_path / "shards"
-    for flags in (["--output", str(out)], ["--output_dir", str(shards)]):
-        assert caption_main(["--model", model, "--input_dataset", text_data, "--no_progress", *flags]) == 2, flags
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "Traceback" not in err, flags
-        assert text_data in err and "CLIP text embeddings of captions" in err, flags
-    assert not out.exists() and not list(shards.glob("**/*.jsonl"))
+    images = [str(t) for t in simple_webdataset(tmp_path / "wds", num_tars=1)]  # read before it, had it been good
+    for inputs in ([text_data], [*images, text_data]):
+        for flags in (["--output", str(out)], ["--output_dir", str(shards)]):
+            argv = ["--model", model, "--no_progress", *flags, *inputs]
+            assert caption_main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "Traceback" not in err, argv
+            assert text_data in err and "CLIP text embeddings of captions" in err, argv
+            assert not out.exists() and not list(shards.glob("**/*.jsonl")), argv  # refused before any captioning
     predictions = tmp_path / "predictions.jsonl"  # well-formed, keyed as the dataset's rows: only the dataset is wrong
     predictions.write_text("".join(json.dumps({"key": f"c/{i}#0", "caption": c}) + "\n"
                                    for i, c in enumerate(CAPTIONS, 1)))

@@ -185,16 +185,22 @@ def iter_items(cfg: CaptionInputs) -> Iterator[Item]:
 
 
 def count_items(cfg: CaptionInputs) -> int | None:
-    """Total for the progress bar when it is known without reading datasets (images, preprocessed folders)."""
-    total = 0
+    """Total for the progress bar when it is known without reading datasets (images, preprocessed folders).
+
+    Every image and preprocessed input is opened, whatever comes before it, so that a folder without images
+    or a text-only dataset is refused before anything is captioned (not after the inputs ahead of it)."""
+    total: int | None = 0
     for source in group_sources(cfg.inputs, cfg.input_format):
         if source.input_format == "images":
-            total += len(image_paths(source.inputs))
+            count: int | None = len(image_paths(source.inputs))
         elif source.input_format == "preprocessed":
-            total += sum(open_preprocessed(p).num_images for p in source.inputs)
+            count = sum(open_preprocessed(p).num_images for p in source.inputs)
         else:
-            return None
-    return min(total, cfg.limit) if cfg.limit is not None else total
+            count = None  # a dataset's size is known only once it is read
+        total = None if total is None or count is None else total + count
+    if total is None or cfg.limit is None:
+        return total
+    return min(total, cfg.limit)
 
 
 def needs_encoder(cfg: CaptionInputs) -> bool:
