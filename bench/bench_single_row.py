@@ -50,17 +50,17 @@ def single_row_layers(fast, plain) -> list:
         if not isinstance(layer, PackedLinear):
             continue
         src = sources[name]
-        weight = src.weight.t() if isinstance(src, Conv1D) else src.weight  # to (out, in)
+        weight = (src.weight.t() if isinstance(src, Conv1D) else src.weight).detach().contiguous()  # (out, in)
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features)
         kernel = gemv_gelu if layer.activation == "gelu_tanh" else gemv
         packed_forward = layer.forward
 
-        def forward(x, layer=layer, w=weight.detach().contiguous(), b=bias, kernel=kernel, packed=packed_forward):
+        def forward(x, layer=layer, w=weight, b=bias, kernel=kernel, packed=packed_forward):
             if layer.single_row and x.numel() == layer.in_features:
                 return kernel(x.reshape(1, -1), w, b).reshape(*x.shape[:-1], layer.out_features)
             return packed(x)
 
-        layer.forward, layer.single_row, layer.plain_weight = forward, False, weight.detach().contiguous()
+        layer.forward, layer.single_row, layer.plain_weight = forward, False, weight  # the one plain copy
         layers.append(layer)
     return layers
 

@@ -114,15 +114,15 @@ def _image_units(source: Source) -> Iterator[InputUnit]:
 def open_preprocessed(path: str):
     """A preprocessed folder of image embeddings, or a CaptionInputError naming it."""
     from prefixcap.data.shards import load_preprocessed
+    from prefixcap.data.text_only import text_only_refusal
 
     try:
         dataset = load_preprocessed(path)
     except (FileNotFoundError, OSError) as err:
         raise CaptionInputError(f"cannot open preprocessed dataset {path!r}: {err}") from err
-    if dataset.manifest.text_only:  # one row per caption: "captioning" it would echo the captions back
-        raise CaptionInputError(f"preprocessed dataset {path!r} holds CLIP text embeddings of captions "
-                                "(preprocess --text_only), not image embeddings: caption images or a dataset "
-                                "preprocessed from them")
+    refusal = text_only_refusal(path, dataset.manifest)
+    if refusal:
+        raise CaptionInputError(f"preprocessed dataset {refusal}")
     return dataset
 
 

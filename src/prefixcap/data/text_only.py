@@ -104,3 +104,13 @@ def make_caption_reader(cfg: ReaderConfig) -> Reader:
 def make_text_reader(cfg: ReaderConfig) -> PerCaptionReader:
     """The reader of a text-only preprocess run: captions of any input format, one record per caption."""
     return PerCaptionReader(make_caption_reader(cfg))
+
+
+def text_only_refusal(path: Any, manifest: Any) -> str | None:
+    """Why the preprocessed folder at `path` cannot stand in for images (caption's input, evaluate's references):
+    a text-only one holds one row per caption whose embedding is its own reference, so captions or scores of it
+    would mean nothing. None for an image dataset."""
+    if not manifest.text_only:
+        return None
+    return (f"{str(path)!r} holds CLIP text embeddings of captions (preprocess --text_only), one row per caption, "
+            "not image embeddings: use images or a dataset preprocessed from them")

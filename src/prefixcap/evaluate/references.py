@@ -197,14 +197,15 @@ def _jsonl_references(path: Path) -> References:
 
 def _preprocessed_references(path: Path) -> References:
     from prefixcap.data.shards import load_preprocessed
+    from prefixcap.data.text_only import text_only_refusal
 
     try:
         ds = load_preprocessed(path)
     except FileNotFoundError as err:
         raise EvaluationError(str(err)) from err
-    if ds.manifest.text_only:  # rows are captions, each embedding its own reference: a score would mean nothing
-        raise EvaluationError(f"{path} holds CLIP text embeddings of captions (preprocess --text_only), one row per "
-                              "caption, not images: evaluate on images or a dataset preprocessed from them")
+    refusal = text_only_refusal(path, ds.manifest)
+    if refusal:
+        raise EvaluationError(refusal)
     refs = References({}, "preprocessed", embeddings={}, embedding_model=ds.manifest.clip_model)
     by_index = ds.references()
     index_of: dict[str, int] = {}
